@@ -1,0 +1,3 @@
+"""Segmentation methods, one module each. Importing this package registers them all."""
+
+from methods import felzenszwalb, kmeans_color  # noqa: F401

@@ -1,0 +1,249 @@
+"""The method interface every segmentation method implements.
+
+A method is a scikit-learn style estimator: hyper-parameters are the keyword arguments of
+``__init__`` (stored unchanged under the same names), learned state lives in attributes ending
+with ``_``, ``fit`` learns from a stream of samples (a no-op for per-image methods) and
+``predict`` maps one RGB image to a :class:`Segmentation`. ``predict`` is a pure function of
+(image, fitted state): a folder run can therefore be spread over workers without a rewrite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+__all__ = ["Segmentation", "SegmentationMethod", "NotFittedError", "check_image"]
+
+MODEL_FILE = "model.json"
+ARRAYS_FILE = "arrays.npz"
+WEIGHTS_FILE = "weights.pt"
+
+
+class NotFittedError(RuntimeError):
+    """Raised when ``predict`` is called on a method that needs ``fit`` first."""
+
+
+@dataclass
+class Segmentation:
+    """The output of a method for one image.
+
+    Attributes
+    ----------
+    labels : ndarray of int32, shape (H, W)
+        One label per pixel. Labels are arbitrary non-negative ids; for dataset-level methods
+        the same id means the same cluster/class in every image.
+    scores : ndarray of float32, shape (C, H, W), optional
+        Per-pixel class scores (probabilities, rows summing to one) for the label ids
+        ``0..C-1``, when the method has them. The dense CRF and the hierarchy use them.
+    info : dict
+        Free-form per-image diagnostics (iterations, timings, ...), JSON-serialisable.
+    """
+
+    labels: np.ndarray
+    scores: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        labels = np.asarray(self.labels)
+        if labels.ndim != 2:
+            raise ValueError(f"labels must be a 2-D (H, W) array, got shape {labels.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        if labels.size and labels.min() < 0:
+            raise ValueError("labels must be non-negative")
+        self.labels = labels.astype(np.int32, copy=False)
+        if self.scores is not None:
+            scores = np.asarray(self.scores, dtype=np.float32)
+            if scores.ndim != 3 or scores.shape[1:] != labels.shape:
+                raise ValueError(
+                    f"scores must have shape (C, H, W) with (H, W) = {labels.shape}, "
+                    f"got {scores.shape}"
+                )
+            if labels.size and labels.max() >= scores.shape[0]:
+                raise ValueError(
+                    f"labels go up to {labels.max()} but scores have only {scores.shape[0]} channels"
+                )
+            self.scores = scores
+
+    @property
+    def n_labels(self) -> int:
+        """Number of distinct labels present."""
+        return int(np.unique(self.labels).size)
+
+
+def check_image(image: np.ndarray) -> np.ndarray:
+    """Validate an RGB image given to ``predict``.
+
+    Parameters
+    ----------
+    image : ndarray, shape (H, W, 3), dtype uint8
+
+    Returns
+    -------
+    ndarray
+        The same image (not copied).
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(
+            f"expected an RGB image of shape (H, W, 3), got {image.shape}; "
+            "read files with unsup.io.read_image, which converts gray, palette and RGBA to RGB"
+        )
+    if image.dtype != np.uint8:
+        raise ValueError(
+            f"expected a uint8 image, got {image.dtype}; unsup.io.read_image returns uint8"
+        )
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image has no pixels: shape {image.shape}")
+    return image
+
+
+class SegmentationMethod(BaseEstimator):
+    """Base class of every method.
+
+    Subclasses set the class attributes below, take their hyper-parameters as keyword
+    arguments of ``__init__`` (stored as attributes of the same name, nothing else done in
+    ``__init__``), and implement :meth:`predict` and, when they learn, :meth:`fit`.
+
+    Class attributes
+    ----------------
+    name : str
+        Registry name (``unsup segment --method NAME``).
+    summary : str
+        One line shown by ``unsup methods``.
+    supervision : str
+        What ``fit`` learns from: ``"none"`` (per-image method, ``fit`` is a no-op),
+        ``"unlabeled"`` (images only), ``"boxes"`` or ``"masks"``.
+    produces_scores : bool
+        Whether ``predict`` returns per-pixel scores.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    supervision: ClassVar[str] = "none"
+    produces_scores: ClassVar[bool] = False
+
+    # -- learning ---------------------------------------------------------------------------
+    @property
+    def requires_fit(self) -> bool:
+        return self.supervision != "none"
+
+    def fit(self, samples, *, progress: bool = False):
+        """Learn from a stream of samples (no-op for per-image methods).
+
+        Parameters
+        ----------
+        samples : iterable of unsup.datasets.Sample
+            Re-iterable; implementations stream it and never hold all images at once.
+        progress : bool
+            Show a progress bar.
+
+        Returns
+        -------
+        self
+        """
+        return self
+
+    def is_fitted(self) -> bool:
+        return not self.requires_fit or any(
+            k.endswith("_") and not k.startswith("_") for k in vars(self)
+        )
+
+    def _check_fitted(self):
+        if not self.is_fitted():
+            raise NotFittedError(
+                f"method {self.name!r} must be fitted before predict: call fit(samples) or "
+                "load a saved model (unsup segment ... --model DIR)"
+            )
+
+    def predict(self, image: np.ndarray) -> Segmentation:  # pragma: no cover - abstract
+        """Segment one RGB uint8 image of shape (H, W, 3)."""
+        raise NotImplementedError
+
+    # -- persistence ------------------------------------------------------------------------
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        """Learned numpy state to save (override in methods with array state)."""
+        return {}
+
+    def _set_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for key, value in arrays.items():
+            setattr(self, key, value)
+
+    def _state_dict(self) -> dict | None:
+        """Learned torch state (a ``state_dict``) to save, or None."""
+        return None
+
+    def _load_state_dict(self, state: dict) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Save hyper-parameters and learned state to ``directory``.
+
+        Writes ``model.json`` (method name and parameters), ``arrays.npz`` (numpy state, no
+        pickles) and ``weights.pt`` (torch ``state_dict``), each via a temporary file and an
+        atomic rename.
+        """
+        from unsup.io import atomic_write_bytes, atomic_write_path
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = self._state_arrays()
+        if arrays:
+            with atomic_write_path(directory / ARRAYS_FILE) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, **arrays)
+        state = self._state_dict()
+        if state is not None:
+            import torch
+
+            with atomic_write_path(directory / WEIGHTS_FILE) as tmp:
+                torch.save(state, tmp)
+        meta = {
+            "method": self.name,
+            "params": _jsonable(self.get_params()),
+            "has_arrays": bool(arrays),
+            "has_weights": state is not None,
+        }
+        atomic_write_bytes(directory / MODEL_FILE, json.dumps(meta, indent=2).encode())
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> SegmentationMethod:
+        """Load a model saved with :meth:`save` (no pickles: ``weights_only=True``)."""
+        directory = Path(directory)
+        meta_path = directory / MODEL_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{directory}: not a saved model (no {MODEL_FILE})")
+        meta = json.loads(meta_path.read_text())
+        if cls.name and meta.get("method") != cls.name:
+            raise ValueError(
+                f"{directory}: holds a {meta.get('method')!r} model, not {cls.name!r}"
+            )
+        method = cls(**meta["params"])
+        if meta.get("has_arrays"):
+            with np.load(directory / ARRAYS_FILE, allow_pickle=False) as data:
+                method._set_state_arrays({k: data[k] for k in data.files})
+        if meta.get("has_weights"):
+            import torch
+
+            state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+            method._load_state_dict(state)
+        return method
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value

@@ -1,0 +1,629 @@
+"""Datasets: one loader API for unlabeled folders, label maps, BSDS500, PASCAL VOC and COCO.
+
+A dataset is an ordered list of lightweight records (id, file paths); images and annotations
+are read only when a sample is loaded, so iterating never holds more than one image in
+memory. ``load`` is a pure function of the record, so samples can be loaded by workers.
+
+Dataset specs (as accepted by :func:`open_dataset` and the CLI)::
+
+    DIR | FILE | folder:DIR            unlabeled images, recursive, sorted; id = relative path
+                                       without extension
+    masks:IMAGES_DIR:MASKS_DIR         label maps matched by file stem (``ignore_index`` = void)
+    bsds500:ROOT                       ROOT/images/SPLIT/*.jpg + ROOT/groundTruth/SPLIT/*.mat,
+                                       all annotators
+    voc:ROOT                           PASCAL VOC 2012 (SegmentationClass, Annotations, ImageSets)
+    coco:ANNOTATIONS_JSON:IMAGES_DIR   COCO instances json (boxes, polygon/RLE masks, crowd = void)
+
+Boxes can also come from a VOC XML folder, a COCO json or a CSV (``image,x0,y0,x1,y1,label``)
+via ``boxes=``, or be derived from the masks with ``boxes_from_masks=True``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from unsup.io import IMAGE_EXTENSIONS, ImageReadError, read_image, read_label_map
+
+__all__ = [
+    "Box",
+    "Sample",
+    "Record",
+    "Dataset",
+    "DatasetError",
+    "open_dataset",
+    "boxes_from_masks",
+    "VOC_CLASSES",
+]
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
+)
+
+
+class DatasetError(ValueError):
+    """A dataset spec or annotation file is unusable; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box in pixel coordinates: ``x0 <= x < x1``, ``y0 <= y < y1``.
+
+    ``label`` is the class id (as in the dataset's label maps); ``ignore`` marks crowd or
+    "difficult" boxes whose region should be ignored rather than learned.
+    """
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    label: int
+    ignore: bool = False
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.x1 - self.x0) * max(0.0, self.y1 - self.y0)
+
+    def as_int(self) -> tuple[int, int, int, int]:
+        """Integer pixel bounds (x0, y0, x1, y1) covering the box."""
+        return (int(np.floor(self.x0)), int(np.floor(self.y0)),
+                int(np.ceil(self.x1)), int(np.ceil(self.y1)))
+
+
+@dataclass
+class Sample:
+    """One loaded sample.
+
+    Attributes
+    ----------
+    id : str
+        Stable id (relative path without extension for folders, the file stem otherwise).
+    image : ndarray of uint8, shape (H, W, 3)
+    path : Path
+        The image file.
+    ground_truth : list of ndarray of int32, shape (H, W), or None
+        One label map per annotator (BSDS has several, semantic datasets one). Pixels equal
+        to ``ignore_index`` are void.
+    boundaries : list of ndarray of bool, or None
+        Human boundary maps when the annotation provides them (BSDS ``Boundaries``).
+    boxes : list of Box, or None
+    ignore_index : int or None
+    """
+
+    id: str
+    image: np.ndarray
+    path: Path
+    ground_truth: list[np.ndarray] | None = None
+    boundaries: list[np.ndarray] | None = None
+    boxes: list[Box] | None = None
+    ignore_index: int | None = None
+
+    @property
+    def label_map(self) -> np.ndarray | None:
+        """The first (for semantic datasets: the only) ground-truth map."""
+        return self.ground_truth[0] if self.ground_truth else None
+
+
+@dataclass(frozen=True)
+class Record:
+    """What is needed to load one sample: its id, image file and annotation references."""
+
+    id: str
+    image_path: Path
+    annotation: object = None
+
+
+@dataclass
+class Dataset:
+    """An ordered, lazily loaded collection of samples.
+
+    Iterating yields :class:`Sample` objects one at a time. ``iter_samples(on_error="skip")``
+    skips unreadable samples and records ``(record, error)`` in ``errors``.
+    """
+
+    spec: str
+    records: list[Record]
+    kind: str = "folder"
+    ignore_index: int | None = None
+    class_names: list[str] | None = None
+    has_ground_truth: bool = False
+    has_boxes: bool = False
+    _loader: object = field(default=None, repr=False)
+    _box_source: object = field(default=None, repr=False)
+    boxes_from_masks: bool = False
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.records]
+
+    def load(self, index: int | str | Record) -> Sample:
+        """Load one sample by position, id or record.
+
+        Raises
+        ------
+        ImageReadError
+            The image file is unusable.
+        DatasetError
+            Its annotation is unusable.
+        """
+        record = self._record(index)
+        image = read_image(record.image_path)
+        gt, bnd, boxes = (None, None, None)
+        if self._loader is not None:
+            gt, bnd, boxes = self._loader(record, image.shape[:2])
+        if gt is not None:
+            for k, g in enumerate(gt):
+                if g.shape != image.shape[:2]:
+                    raise DatasetError(
+                        f"{record.image_path}: ground truth {k} has shape {g.shape}, "
+                        f"image is {image.shape[:2]}"
+                    )
+        if self._box_source is not None:
+            boxes = self._box_source(record, image.shape[:2])
+        if self.boxes_from_masks:
+            if gt is None:
+                raise DatasetError(f"{record.image_path}: boxes_from_masks needs ground truth")
+            boxes = boxes_from_masks(gt[0], ignore_index=self.ignore_index)
+        return Sample(
+            id=record.id, image=image, path=record.image_path, ground_truth=gt,
+            boundaries=bnd, boxes=boxes, ignore_index=self.ignore_index,
+        )
+
+    def _record(self, index) -> Record:
+        if isinstance(index, Record):
+            return index
+        if isinstance(index, str):
+            for r in self.records:
+                if r.id == index:
+                    return r
+            raise KeyError(f"{self.spec}: no sample with id {index!r}")
+        return self.records[index]
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self.iter_samples(on_error="raise")
+
+    def iter_samples(self, *, on_error: str = "raise", errors: list | None = None):
+        """Yield samples in order; ``on_error="skip"`` records failures instead of raising."""
+        if on_error not in ("raise", "skip"):
+            raise ValueError("on_error must be 'raise' or 'skip'")
+        for record in self.records:
+            try:
+                sample = self.load(record)
+            except (ImageReadError, DatasetError) as exc:
+                if on_error == "raise":
+                    raise
+                if errors is not None:
+                    errors.append((record, exc))
+                continue
+            yield sample
+
+    def without_annotations(self) -> Dataset:
+        """The same images with ground truth and boxes dropped (for methods that must not see them)."""
+        return Dataset(spec=self.spec, records=self.records, kind=self.kind,
+                       class_names=self.class_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _list_images(directory: Path) -> list[Path]:
+    return sorted((p for p in directory.rglob("*") if _is_image(p)), key=lambda p: p.as_posix())
+
+
+def _stem_index(directory: Path, exts=None) -> dict[str, Path]:
+    index = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and not p.name.startswith(".") and (exts is None or p.suffix.lower() in exts):
+            rel = p.relative_to(directory).with_suffix("").as_posix()
+            index.setdefault(rel, p)
+    return index
+
+
+def boxes_from_masks(labels: np.ndarray, *, ignore_index: int | None = None,
+                     background: int = 0) -> list[Box]:
+    """Tight box around each connected component of each class of a label map.
+
+    ``background`` and ``ignore_index`` get no boxes. Components use 8-connectivity.
+    """
+    from scipy import ndimage
+
+    boxes = []
+    for cls in np.unique(labels):
+        if cls == background or (ignore_index is not None and cls == ignore_index):
+            continue
+        comp, n = ndimage.label(labels == cls, structure=np.ones((3, 3), bool))
+        for sl in ndimage.find_objects(comp):
+            if sl is None:
+                continue
+            boxes.append(Box(float(sl[1].start), float(sl[0].start), float(sl[1].stop),
+                             float(sl[0].stop), int(cls)))
+    return boxes
+
+
+def _clip_boxes(boxes, shape, source, class_ids=None) -> list[Box]:
+    """Clip boxes to the image; report and skip zero-area and unknown-class boxes."""
+    h, w = shape
+    kept = []
+    for b in boxes:
+        if class_ids is not None and b.label not in class_ids:
+            warnings.warn(f"{source}: box {b} has unknown class {b.label}; skipped", stacklevel=3)
+            continue
+        x0, y0 = min(max(b.x0, 0.0), w), min(max(b.y0, 0.0), h)
+        x1, y1 = min(max(b.x1, 0.0), w), min(max(b.y1, 0.0), h)
+        if (x0, y0, x1, y1) != (b.x0, b.y0, b.x1, b.y1):
+            warnings.warn(f"{source}: box {b} extends outside the {w}x{h} image; clipped",
+                          stacklevel=3)
+        if x1 - x0 <= 0 or y1 - y0 <= 0:
+            warnings.warn(f"{source}: box {b} has zero area (after clipping); skipped",
+                          stacklevel=3)
+            continue
+        kept.append(Box(x0, y0, x1, y1, b.label, b.ignore))
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------
+# box sources
+
+
+def _voc_xml_boxes(path: Path, class_ids: dict[str, int]) -> list[Box]:
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as exc:
+        raise DatasetError(f"{path}: unreadable VOC XML ({exc})") from None
+    boxes = []
+    for obj in root.iter("object"):
+        name = (obj.findtext("name") or "").strip()
+        bb = obj.find("bndbox")
+        if bb is None:
+            continue
+        if name not in class_ids:
+            warnings.warn(f"{path}: object of unknown class {name!r}; skipped", stacklevel=2)
+            continue
+        try:
+            # VOC coordinates are 1-based and inclusive
+            x0 = float(bb.findtext("xmin")) - 1
+            y0 = float(bb.findtext("ymin")) - 1
+            x1 = float(bb.findtext("xmax"))
+            y1 = float(bb.findtext("ymax"))
+        except (TypeError, ValueError):
+            raise DatasetError(f"{path}: malformed bndbox for {name!r}") from None
+        difficult = (obj.findtext("difficult") or "0").strip() == "1"
+        boxes.append(Box(x0, y0, x1, y1, class_ids[name], ignore=difficult))
+    return boxes
+
+
+class _CsvBoxes:
+    """Boxes from a CSV with header ``image,x0,y0,x1,y1,label`` (image = id, stem or file name)."""
+
+    def __init__(self, path: Path, class_names: list[str] | None):
+        self.path = path
+        self.by_key: dict[str, list[Box]] = {}
+        names = {n: i for i, n in enumerate(class_names or [])}
+        try:
+            with open(path, newline="") as fh:
+                reader = csv.DictReader(fh)
+                need = {"image", "x0", "y0", "x1", "y1", "label"}
+                if reader.fieldnames is None or not need <= set(reader.fieldnames):
+                    raise DatasetError(
+                        f"{path}: CSV boxes need the header image,x0,y0,x1,y1,label; "
+                        f"got {reader.fieldnames}"
+                    )
+                for line, row in enumerate(reader, start=2):
+                    lab = row["label"].strip()
+                    if lab.lstrip("-").isdigit():
+                        label = int(lab)
+                    elif lab in names:
+                        label = names[lab]
+                    else:
+                        warnings.warn(f"{path}:{line}: unknown class {lab!r}; skipped",
+                                      stacklevel=2)
+                        continue
+                    try:
+                        coords = [float(row[k]) for k in ("x0", "y0", "x1", "y1")]
+                    except ValueError:
+                        raise DatasetError(f"{path}:{line}: non-numeric box coordinates") from None
+                    key = Path(row["image"].strip()).with_suffix("").as_posix()
+                    self.by_key.setdefault(key, []).append(Box(*coords, label))
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot read CSV boxes ({exc})") from None
+
+    def __call__(self, record: Record, shape) -> list[Box]:
+        raw = self.by_key.get(record.id) or self.by_key.get(record.image_path.stem, [])
+        return _clip_boxes(raw, shape, f"{self.path} [{record.id}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset kinds
+
+
+def _folder(path: Path, spec: str) -> Dataset:
+    if path.is_file():
+        return Dataset(spec=spec, records=[Record(path.stem, path)], kind="folder")
+    if not path.is_dir():
+        raise DatasetError(f"{path}: no such file or directory")
+    records = [Record(p.relative_to(path).with_suffix("").as_posix(), p)
+               for p in sorted((p for p in path.rglob("*") if p.is_file()
+                                and not p.name.startswith(".")), key=lambda p: p.as_posix())
+               if p.suffix.lower() in IMAGE_EXTENSIONS or _looks_like_input(p)]
+    if not records:
+        raise DatasetError(f"{path}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return Dataset(spec=spec, records=records, kind="folder")
+
+
+def _looks_like_input(path: Path) -> bool:
+    # Files with unknown extensions are skipped silently, except extension-less files, which are
+    # kept so that a mis-named image gets a clear read error instead of vanishing.
+    return path.suffix == ""
+
+
+def _masks(images: Path, masks: Path, spec: str, ignore_index) -> Dataset:
+    for d in (images, masks):
+        if not d.is_dir():
+            raise DatasetError(f"{d}: not a directory (spec {spec!r})")
+    mask_index = _stem_index(masks, {".png", ".tif", ".tiff", ".bmp"})
+    records, missing = [], []
+    for p in _list_images(images):
+        key = p.relative_to(images).with_suffix("").as_posix()
+        m = mask_index.get(key) or mask_index.get(p.stem)
+        if m is None:
+            missing.append(key)
+            continue
+        records.append(Record(key, p, m))
+    if missing:
+        warnings.warn(f"{masks}: no mask for {len(missing)} image(s), e.g. {missing[:3]}; "
+                      "those images are left out", stacklevel=3)
+    if not records:
+        raise DatasetError(f"{spec}: no image has a matching mask (matched by file stem)")
+
+    def loader(record, shape):
+        try:
+            labels = read_label_map(record.annotation)
+        except ImageReadError as exc:
+            raise DatasetError(str(exc)) from None
+        return [labels], None, None
+
+    return Dataset(spec=spec, records=records, kind="masks", ignore_index=ignore_index,
+                   has_ground_truth=True, _loader=loader)
+
+
+def load_bsds_ground_truth(path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """All annotators' segmentations (int32) and boundary maps (bool) from a BSDS ``.mat``."""
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(path)
+        cells = mat["groundTruth"]
+        segs, bnds = [], []
+        for k in range(cells.shape[1]):
+            entry = cells[0, k]
+            segs.append(np.asarray(entry["Segmentation"][0, 0]).astype(np.int32))
+            bnds.append(np.asarray(entry["Boundaries"][0, 0]).astype(bool))
+    except (OSError, KeyError, IndexError, ValueError, TypeError) as exc:
+        raise DatasetError(f"{path}: not a BSDS groundTruth .mat ({exc})") from None
+    if not segs:
+        raise DatasetError(f"{path}: ground truth has no annotators")
+    return segs, bnds
+
+
+def _bsds(root: Path, split: str, spec: str) -> Dataset:
+    img_dir, gt_dir = root / "images" / split, root / "groundTruth" / split
+    if not img_dir.is_dir():
+        raise DatasetError(f"{spec}: {img_dir} does not exist (is --split {split!r} right?)")
+    gts = {p.stem: p for p in gt_dir.glob("*.mat")} if gt_dir.is_dir() else {}
+    records = [Record(p.stem, p, gts.get(p.stem)) for p in sorted(img_dir.glob("*.jpg"))]
+    if not records:
+        raise DatasetError(f"{img_dir}: no .jpg images")
+
+    def loader(record, shape):
+        if record.annotation is None:
+            return None, None, None
+        segs, bnds = load_bsds_ground_truth(record.annotation)
+        return segs, bnds, None
+
+    return Dataset(spec=spec, records=records, kind="bsds500", ignore_index=None,
+                   has_ground_truth=bool(gts), _loader=loader)
+
+
+def _voc(root: Path, split: str, spec: str) -> Dataset:
+    if (root / "VOC2012").is_dir() and not (root / "JPEGImages").is_dir():
+        root = root / "VOC2012"
+    list_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if list_file.is_file():
+        ids = [s.strip() for s in list_file.read_text().split() if s.strip()]
+    else:
+        seg = root / "SegmentationClass"
+        if not seg.is_dir():
+            raise DatasetError(f"{spec}: neither {list_file} nor {seg} exists")
+        ids = sorted(p.stem for p in seg.glob("*.png"))
+    class_ids = {n: i for i, n in enumerate(VOC_CLASSES)}
+    records = []
+    for i in ids:
+        img = root / "JPEGImages" / f"{i}.jpg"
+        records.append(Record(i, img, (root / "SegmentationClass" / f"{i}.png",
+                                       root / "Annotations" / f"{i}.xml")))
+
+    def loader(record, shape):
+        mask_path, xml_path = record.annotation
+        gt = None
+        if mask_path.is_file():
+            try:
+                gt = [read_label_map(mask_path)]
+            except ImageReadError as exc:
+                raise DatasetError(str(exc)) from None
+        boxes = None
+        if xml_path.is_file():
+            boxes = _clip_boxes(_voc_xml_boxes(xml_path, class_ids), shape, str(xml_path))
+        return gt, None, boxes
+
+    return Dataset(spec=spec, records=records, kind="voc", ignore_index=255,
+                   class_names=list(VOC_CLASSES), has_ground_truth=True, has_boxes=True,
+                   _loader=loader)
+
+
+class _Coco:
+    """COCO instances annotations: boxes, semantic label maps (crowd = void)."""
+
+    def __init__(self, ann_file: Path):
+        from pycocotools.coco import COCO
+
+        if not ann_file.is_file():
+            raise DatasetError(f"{ann_file}: COCO annotation file not found")
+        try:
+            import contextlib
+            import io as _io
+
+            with contextlib.redirect_stdout(_io.StringIO()):  # pycocotools prints progress
+                self.coco = COCO(str(ann_file))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DatasetError(f"{ann_file}: not a COCO instances json ({exc})") from None
+        cats = sorted(self.coco.getCatIds())
+        # label ids: 0 = background, 1..K = categories in id order
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(cats)}
+        self.class_names = ["background"] + [self.coco.cats[c]["name"] for c in cats]
+        self.ann_file = ann_file
+
+    def annotations(self, image_id):
+        return self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id], iscrowd=None))
+
+    def load(self, image_id, shape, ignore_index):
+        h, w = shape
+        info = self.coco.imgs[image_id]
+        if (info["height"], info["width"]) != (h, w):
+            raise DatasetError(f"{self.ann_file}: image {image_id} is {info['width']}x"
+                               f"{info['height']} in the json but {w}x{h} on disk")
+        labels = np.zeros((h, w), np.int32)
+        crowd = np.zeros((h, w), bool)
+        anns = self.annotations(image_id)
+        # paint larger objects first so that small objects on top of them stay visible
+        for ann in sorted(anns, key=lambda a: -a.get("area", 0)):
+            mask = self.coco.annToMask(ann).astype(bool)
+            if ann.get("iscrowd", 0):
+                crowd |= mask
+            else:
+                labels[mask] = self.cat_to_label[ann["category_id"]]
+        labels[crowd & (labels == 0)] = ignore_index
+        boxes = []
+        for ann in anns:
+            x, y, bw, bh = ann["bbox"]
+            boxes.append(Box(x, y, x + bw, y + bh, self.cat_to_label[ann["category_id"]],
+                             ignore=bool(ann.get("iscrowd", 0))))
+        return [labels], None, _clip_boxes(boxes, shape, f"{self.ann_file} [image {image_id}]")
+
+
+def _coco(ann_file: Path, images: Path, spec: str, ignore_index) -> Dataset:
+    coco = _Coco(ann_file)
+    if not images.is_dir():
+        raise DatasetError(f"{images}: COCO images directory not found")
+    records = []
+    for image_id in sorted(coco.coco.imgs):
+        info = coco.coco.imgs[image_id]
+        path = images / info["file_name"]
+        if path.is_file():
+            records.append(Record(Path(info["file_name"]).stem, path, image_id))
+    if not records:
+        raise DatasetError(f"{spec}: none of the json's images is in {images}")
+    void = 255 if ignore_index is None else ignore_index
+
+    def loader(record, shape):
+        return coco.load(record.annotation, shape, void)
+
+    return Dataset(spec=spec, records=records, kind="coco", ignore_index=void,
+                   class_names=coco.class_names, has_ground_truth=True, has_boxes=True,
+                   _loader=loader)
+
+
+def _box_source(boxes: str | os.PathLike, class_names):
+    path = Path(boxes)
+    if path.suffix.lower() == ".csv":
+        return _CsvBoxes(path, class_names)
+    if path.suffix.lower() == ".json":
+        coco = _Coco(path)
+        by_stem = {Path(i["file_name"]).stem: iid for iid, i in coco.coco.imgs.items()}
+
+        def from_coco(record, shape):
+            iid = by_stem.get(record.image_path.stem)
+            return [] if iid is None else coco.load(iid, shape, 255)[2]
+
+        return from_coco
+    if path.is_dir():
+        class_ids = {n: i for i, n in enumerate(class_names or VOC_CLASSES)}
+
+        def from_xml(record, shape):
+            xml = path / f"{record.image_path.stem}.xml"
+            if not xml.is_file():
+                return []
+            return _clip_boxes(_voc_xml_boxes(xml, class_ids), shape, str(xml))
+
+        return from_xml
+    raise DatasetError(f"{path}: boxes must be a .csv file, a COCO .json or a folder of VOC .xml")
+
+
+def open_dataset(spec: str | os.PathLike, *, split: str | None = None,
+                 ignore_index: int | None = None, boxes: str | os.PathLike | None = None,
+                 boxes_from_masks: bool = False) -> Dataset:
+    """Open a dataset from a spec string (see the module docstring for the spellings).
+
+    Parameters
+    ----------
+    spec : str or path-like
+    split : str, optional
+        ``train`` / ``val`` / ``test`` for ``bsds500`` (default ``val``) and ``voc``
+        (default ``val``).
+    ignore_index : int, optional
+        Void label of ``masks`` datasets (COCO crowd regions use it too; default 255 there).
+    boxes : path-like, optional
+        Extra box annotations: a CSV, a COCO json or a folder of VOC XML files.
+    boxes_from_masks : bool
+        Replace boxes by tight boxes around each connected component of each class of the
+        ground truth (class 0 is background).
+    """
+    spec_str = os.fspath(spec)
+    kind, _, rest = spec_str.partition(":")
+    if kind in ("folder", "masks", "bsds500", "voc", "coco") and rest:
+        parts = rest.split(":")
+    else:
+        kind, parts = "folder", [spec_str]
+    try:
+        if kind == "folder":
+            ds = _folder(Path(parts[0] if len(parts) == 1 else rest), spec_str)
+        elif kind == "masks":
+            if len(parts) != 2:
+                raise DatasetError(f"{spec_str!r}: expected masks:IMAGES_DIR:MASKS_DIR")
+            ds = _masks(Path(parts[0]), Path(parts[1]), spec_str, ignore_index)
+        elif kind == "bsds500":
+            ds = _bsds(Path(rest), split or "val", spec_str)
+        elif kind == "voc":
+            ds = _voc(Path(rest), split or "val", spec_str)
+        else:
+            if len(parts) != 2:
+                raise DatasetError(f"{spec_str!r}: expected coco:ANNOTATIONS_JSON:IMAGES_DIR")
+            ds = _coco(Path(parts[0]), Path(parts[1]), spec_str, ignore_index)
+    except DatasetError:
+        raise
+    if boxes is not None:
+        ds._box_source = _box_source(boxes, ds.class_names)
+        ds.has_boxes = True
+    if boxes_from_masks:
+        if not ds.has_ground_truth:
+            raise DatasetError(f"{spec_str}: --boxes-from-masks needs a dataset with masks")
+        ds.boxes_from_masks = True
+        ds.has_boxes = True
+    return ds

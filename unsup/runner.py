@@ -1,0 +1,252 @@
+"""Folder runs: apply a method (and optionally the dense CRF) to every image of a dataset.
+
+Outputs under ``out``::
+
+    labels/<id>.png      label map, same height and width as the (EXIF-oriented) input
+    overlays/<id>.png    image blended with label colours and boundaries
+    run.json             method, parameters, seed, versions, per-image timings, failures
+
+Every file is written to a temporary name and renamed, so an interrupted run (even
+``kill -9``) leaves only complete files; rerunning the same command skips the images whose
+outputs are all present. Per-image work (:func:`segment_image`) is a pure function of
+(image, fitted method, options), so it can be mapped over workers as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import random
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from unsup.base import Segmentation, SegmentationMethod
+from unsup.datasets import Dataset, DatasetError, Record
+from unsup.io import (
+    ImageReadError,
+    atomic_write_bytes,
+    write_label_map,
+    write_overlay,
+    write_ultrametric_map,
+)
+
+__all__ = ["segment_image", "segment_dataset", "RunResult", "seed_everything", "output_paths"]
+
+RUN_FILE = "run.json"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch global generators (methods should also use their own seed)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def segment_image(image: np.ndarray, method: SegmentationMethod, *, crf=None,
+                  seed: int = 0) -> Segmentation:
+    """Segment one image: ``method.predict`` then, if given, ``crf.refine_segmentation``.
+
+    Seeds the global generators first so the result does not depend on which images were
+    processed before (the same image gives the same labels in any order, on any worker).
+    """
+    seed_everything(seed)
+    segmentation = method.predict(image)
+    if crf is not None:
+        segmentation = crf.refine_segmentation(image, segmentation)
+    return segmentation
+
+
+def output_paths(out: Path, sample_id: str, *, hierarchy: bool = False) -> dict[str, Path]:
+    """Where the outputs of one sample go."""
+    paths = {
+        "overlay": out / "overlays" / f"{sample_id}.png",
+        "labels": out / "labels" / f"{sample_id}.png",
+    }
+    if hierarchy:
+        paths["hierarchy"] = out / "hierarchy" / f"{sample_id}.png"
+    return paths
+
+
+@dataclass
+class RunResult:
+    """Summary of a folder run."""
+
+    out: Path
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("unsup", "numpy", "scipy", "scikit-image", "scikit-learn", "torch", "pydensecrf2",
+                "faiss-cpu"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def describe_model(model_dir: Path | None) -> dict | None:
+    """Identify saved weights (path + SHA-256 of each state file) for run.json."""
+    if model_dir is None:
+        return None
+    files = {}
+    for p in sorted(Path(model_dir).iterdir()):
+        if p.is_file() and p.suffix in (".pt", ".npz", ".json"):
+            files[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return {"path": str(Path(model_dir).resolve()), "sha256": files}
+
+
+def _write_run_json(out: Path, run: dict) -> None:
+    atomic_write_bytes(out / RUN_FILE, json.dumps(run, indent=2, default=str).encode())
+
+
+def segment_dataset(dataset: Dataset, method: SegmentationMethod, out, *, crf=None,
+                    hierarchy=None, overwrite: bool = False, seed: int = 0,
+                    progress: bool = True, model_info: dict | None = None,
+                    command: list[str] | None = None) -> RunResult:
+    """Segment every image of ``dataset`` into ``out``, resumably.
+
+    Parameters
+    ----------
+    dataset : Dataset
+    method : SegmentationMethod
+        Already fitted if it needs fitting (see :func:`fit_if_needed`).
+    out : path-like
+    crf : unsup.crf.DenseCRF, optional
+    hierarchy : callable, optional
+        ``hierarchy(image, segmentation) -> uint16 ultrametric contour map``; when given,
+        ``hierarchy/<id>.png`` is written too.
+    overwrite : bool
+        Recompute images whose outputs already exist.
+    seed : int
+    progress : bool
+    model_info : dict, optional
+        Recorded in run.json (which weights were used).
+
+    Returns
+    -------
+    RunResult
+        Failures hold ``{"id", "file", "error"}``; the run never stops on a bad image.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = {}
+    if (out / RUN_FILE).is_file() and not overwrite:
+        try:
+            previous = json.loads((out / RUN_FILE).read_text())
+        except json.JSONDecodeError:
+            previous = {}
+    timings: dict[str, float] = dict(previous.get("timings", {}))
+    run = {
+        "method": method.name,
+        "params": _jsonable_params(method),
+        "seed": seed,
+        "crf": None if crf is None else _jsonable_params(crf),
+        "hierarchy": hierarchy is not None,
+        "model": model_info,
+        "input": dataset.spec,
+        "command": command,
+        "versions": _versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "n_images": len(dataset),
+    }
+    if hierarchy is not None:
+        atomic_write_bytes(out / "hierarchy" / "_hierarchy.json",
+                           json.dumps({"format": "unsup-ucm", "version": 1}).encode())
+    result = RunResult(out=out)
+    last_flush = time.monotonic()
+    bar = tqdm(dataset.records, desc=f"segment [{method.name}]", unit="img", disable=not progress,
+               file=sys.stderr)
+    for record in bar:
+        paths = output_paths(out, record.id, hierarchy=hierarchy is not None)
+        if not overwrite and all(p.is_file() for p in paths.values()):
+            result.skipped.append(record.id)
+            continue
+        try:
+            t0 = time.perf_counter()
+            image = dataset.load(record).image
+            seg = segment_image(image, method, crf=crf, seed=seed)
+            if hierarchy is not None:
+                write_ultrametric_map(paths["hierarchy"], hierarchy(image, seg))
+            write_overlay(paths["overlay"], image, seg.labels)
+            write_label_map(paths["labels"], seg.labels)  # last: its presence marks completion
+            timings[record.id] = round(time.perf_counter() - t0, 4)
+            result.done.append(record.id)
+        except KeyboardInterrupt:
+            raise
+        except (ImageReadError, DatasetError) as exc:
+            result.failures.append(_failure(record, exc))
+        except Exception as exc:  # a method crashing on one image must not end the run
+            result.failures.append(_failure(record, exc, with_trace=True))
+        if time.monotonic() - last_flush > 10.0:
+            _write_run_json(out, {**run, "timings": timings, "failures": result.failures,
+                                  "complete": False})
+            last_flush = time.monotonic()
+    run.update(timings=timings, failures=result.failures, complete=not result.failures,
+               finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               summary={"done": len(result.done), "skipped_existing": len(result.skipped),
+                        "failed": len(result.failures),
+                        "median_seconds": float(np.median(list(timings.values())))
+                        if timings else None})
+    _write_run_json(out, run)
+    return result
+
+
+def fit_if_needed(method: SegmentationMethod, dataset: Dataset, *, progress: bool = True,
+                  seed: int = 0) -> list[dict]:
+    """Fit a method that learns from images on ``dataset`` itself (annotations withheld).
+
+    Unreadable images are skipped and returned as failures.
+    """
+    if not method.requires_fit or method.is_fitted():
+        return []
+    errors: list = []
+    images_only = dataset.without_annotations()
+
+    class _Stream:
+        # re-iterable view that skips unreadable files and remembers them (once)
+        def __iter__(self):
+            seen = {r.id for r, _ in errors}
+            new_errors: list = []
+            yield from images_only.iter_samples(on_error="skip", errors=new_errors)
+            errors.extend(e for e in new_errors if e[0].id not in seen)
+
+    seed_everything(seed)
+    method.fit(_Stream(), progress=progress)
+    return [_failure(r, e) for r, e in errors]
+
+
+def _failure(record: Record, exc: BaseException, *, with_trace: bool = False) -> dict:
+    entry = {"id": record.id, "file": str(record.image_path),
+             "error": f"{type(exc).__name__}: {exc}"}
+    if with_trace:
+        entry["trace"] = "".join(traceback.format_exception(exc)[-3:])
+    return entry
+
+
+def _jsonable_params(estimator) -> dict:
+    from unsup.base import _jsonable
+
+    return _jsonable(estimator.get_params()) if hasattr(estimator, "get_params") else {}
