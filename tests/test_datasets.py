@@ -197,3 +197,12 @@ def test_boxes_from_masks_one_box_per_component_per_class(tmp_path):
     assert len(ds.load(0).boxes) == 3
     with pytest.raises(DatasetError, match="needs a dataset with masks"):
         open_dataset(tmp_path / "im", boxes_from_masks=True)
+
+
+def test_files_sharing_a_stem_keep_distinct_ids(tmp_path):
+    write_image(tmp_path / "a.png", _img(4, 5))
+    write_image(tmp_path / "a.jpg", _img(4, 5))
+    write_image(tmp_path / "b.png", _img(4, 5))
+    with pytest.warns(UserWarning, match="share the id"):
+        ds = open_dataset(tmp_path)
+    assert ds.ids == ["a.jpg", "a.png", "b"]

@@ -365,7 +365,21 @@ def _folder(path: Path, spec: str) -> Dataset:
                if p.suffix.lower() in IMAGE_EXTENSIONS or _looks_like_input(p)]
     if not records:
         raise DatasetError(f"{path}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return Dataset(spec=spec, records=records, kind="folder")
+    return Dataset(spec=spec, records=_disambiguate(records, path), kind="folder")
+
+
+def _disambiguate(records: list[Record], root: Path) -> list[Record]:
+    """Keep ids unique: files sharing a stem (a.jpg, a.png) keep their extension in the id."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.id] = counts.get(r.id, 0) + 1
+    clashes = sorted(i for i, c in counts.items() if c > 1)
+    if not clashes:
+        return records
+    warnings.warn(f"{root}: several files share the id(s) {clashes[:5]}; their ids keep the "
+                  "file extension (e.g. 'a.jpg', 'a.png')", stacklevel=3)
+    return [Record(r.image_path.relative_to(root).as_posix(), r.image_path, r.annotation)
+            if counts[r.id] > 1 else r for r in records]
 
 
 def _looks_like_input(path: Path) -> bool:

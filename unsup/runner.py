@@ -159,6 +159,7 @@ def segment_dataset(dataset: Dataset, method: SegmentationMethod, out, *, crf=No
         except json.JSONDecodeError:
             previous = {}
     timings: dict[str, float] = dict(previous.get("timings", {}))
+    infos: dict[str, dict] = dict(previous.get("info", {}))
     run = {
         "method": method.name,
         "params": _jsonable_params(method),
@@ -193,6 +194,9 @@ def segment_dataset(dataset: Dataset, method: SegmentationMethod, out, *, crf=No
             write_overlay(paths["overlay"], image, seg.labels)
             write_label_map(paths["labels"], seg.labels)  # last: its presence marks completion
             timings[record.id] = round(time.perf_counter() - t0, 4)
+            summary = _scalar_info(seg.info)
+            if summary:
+                infos[record.id] = summary
             result.done.append(record.id)
         except KeyboardInterrupt:
             raise
@@ -201,10 +205,11 @@ def segment_dataset(dataset: Dataset, method: SegmentationMethod, out, *, crf=No
         except Exception as exc:  # a method crashing on one image must not end the run
             result.failures.append(_failure(record, exc, with_trace=True))
         if time.monotonic() - last_flush > 10.0:
-            _write_run_json(out, {**run, "timings": timings, "failures": result.failures,
-                                  "complete": False})
+            _write_run_json(out, {**run, "timings": timings, "info": infos,
+                                  "failures": result.failures, "complete": False})
             last_flush = time.monotonic()
-    run.update(timings=timings, failures=result.failures, complete=not result.failures,
+    run.update(timings=timings, info=infos, failures=result.failures,
+               complete=not result.failures,
                finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                summary={"done": len(result.done), "skipped_existing": len(result.skipped),
                         "failed": len(result.failures),
@@ -236,6 +241,17 @@ def fit_if_needed(method: SegmentationMethod, dataset: Dataset, *, progress: boo
     seed_everything(seed)
     method.fit(_Stream(), progress=progress)
     return [_failure(r, e) for r, e in errors]
+
+
+def _scalar_info(info: dict) -> dict:
+    """The JSON-friendly scalar entries of ``Segmentation.info`` (arrays are left out)."""
+    out = {}
+    for key, value in info.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, bool | int | float | str) or value is None:
+            out[key] = value
+    return out
 
 
 def _failure(record: Record, exc: BaseException, *, with_trace: bool = False) -> dict:
