@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -106,9 +105,9 @@ def cmd_segment(args) -> int:
             return 2
     hierarchy = None
     if args.hierarchy:
-        hierarchy = _make_hierarchy()
-        if hierarchy is None:
-            return 2
+        from unsup.runner import hierarchy_of
+
+        hierarchy = hierarchy_of
 
     fit_failures = []
     if method.requires_fit and not method.is_fitted():
@@ -147,45 +146,13 @@ def _has_param(method_name: str, param: str) -> bool:
 
 
 def _make_crf(crf_params):
-    if importlib.util.find_spec("unsup.crf") is None:
-        print("unsup: error: --crf is not available yet (the dense-CRF post-processor has not "
-              "landed)", file=sys.stderr)
-        return None
     from unsup.crf import DenseCRF
 
     try:
-        return DenseCRF(**parse_key_values(crf_params, option="--crf-param"))
-    except (TypeError, ValueError) as exc:
+        return DenseCRF.from_params(crf_params or [])
+    except ValueError as exc:
         print(f"unsup: error: --crf-param: {exc}", file=sys.stderr)
         return None
-
-
-def _make_hierarchy():
-    if importlib.util.find_spec("unsup.hierarchy") is None:
-        print("unsup: error: --hierarchy is not available yet (hierarchical merging has not "
-              "landed)", file=sys.stderr)
-        return None
-    from unsup.hierarchy import ultrametric_contour_map
-
-    return ultrametric_contour_map
-
-
-def cmd_not_available(name: str, issue: str):
-    def run(args) -> int:
-        print(f"unsup {name}: not available yet ({issue}).", file=sys.stderr)
-        return 2
-
-    return run
-
-
-def _evaluate_module():
-    try:
-        from unsup.evaluation import command
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("unsup.evaluation", "unsup.evaluation.command"):
-            raise
-        return None
-    return command
 
 
 # ------------------------------------------------------------------------------- parser
@@ -229,31 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a method on a dataset (boxes, masks or unlabeled)",
                        description="Train a method and save it to a model folder.")
-    p.add_argument("--method", "-m", required=True)
-    p.add_argument("--data", required=True, help="training dataset spec")
-    p.add_argument("--out", required=True, help="model folder")
-    p.set_defaults(func=cmd_not_available("train", "trainable methods land with the "
-                                          "box-supervision and W-Net issues"))
+    from unsup import train_command
+
+    train_command.configure_train_parser(p)
+    p.set_defaults(func=train_command.run_train)
 
     p = sub.add_parser("evaluate", help="score predictions against ground truth",
                        description="Evaluate a folder of predictions with a protocol "
                                    "(bsds, matched, hungarian, semantic).")
-    evaluation = _evaluate_module()
-    if evaluation is not None:
-        evaluation.configure_parser(p)
-        p.set_defaults(func=evaluation.run)
-    else:
-        p.set_defaults(func=cmd_not_available("evaluate", "the evaluation harness has not "
-                                              "landed"))
+    from unsup.evaluation import command as evaluate_command
+
+    evaluate_command.configure_parser(p)
+    p.set_defaults(func=evaluate_command.run)
 
     p = sub.add_parser("compare", help="train several methods alike and compare them",
                        description="Train methods with the same network, budget and seed and "
                                    "evaluate them on a test set.")
-    p.add_argument("--train", required=True)
-    p.add_argument("--test", required=True)
-    p.add_argument("--methods", required=True)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_not_available("compare", "lands with the box-supervision issue"))
+    train_command.configure_compare_parser(p)
+    p.set_defaults(func=train_command.run_compare)
     return parser
 
 

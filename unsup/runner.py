@@ -36,7 +36,8 @@ from unsup.io import (
     write_ultrametric_map,
 )
 
-__all__ = ["segment_image", "segment_dataset", "RunResult", "seed_everything", "output_paths"]
+__all__ = ["segment_image", "segment_dataset", "RunResult", "seed_everything", "output_paths",
+           "hierarchy_of", "fit_if_needed"]
 
 RUN_FILE = "run.json"
 
@@ -65,6 +66,21 @@ def segment_image(image: np.ndarray, method: SegmentationMethod, *, crf=None,
     if crf is not None:
         segmentation = crf.refine_segmentation(image, segmentation)
     return segmentation
+
+
+def hierarchy_of(image: np.ndarray, segmentation: Segmentation) -> np.ndarray:
+    """The ultrametric contour map written by ``unsup segment --hierarchy``.
+
+    A method that builds its own hierarchy (JULE's dendrogram) puts it in
+    ``segmentation.info["ucm"]``; every other method's regions are merged greedily by
+    :func:`unsup.hierarchy.ultrametric_contour_map`.
+    """
+    own = segmentation.info.get("ucm")
+    if own is not None and np.shape(own) == segmentation.labels.shape:
+        return np.asarray(own)
+    from unsup.hierarchy import ultrametric_contour_map
+
+    return ultrametric_contour_map(image, segmentation)
 
 
 def output_paths(out: Path, sample_id: str, *, hierarchy: bool = False) -> dict[str, Path]:

@@ -1,0 +1,481 @@
+"""`boxsup`: a segmentation network trained from bounding boxes only.
+
+BoxSup (Dai, He & Sun, "BoxSup: Exploiting Bounding Boxes to Supervise Convolutional Networks
+for Semantic Segmentation", ICCV 2015, arXiv 1503.01640), with the ignore regions of "Simple
+Does It" (Khoreva, Benenson, Hosang, Hein & Schiele, CVPR 2017, arXiv 1603.07485).
+
+Procedure
+---------
+1. Every box gets a pool of candidate segments from unsupervised proposals
+   (:mod:`unsup.proposals`: GrabCut initialised by the box, GrabCut snapped to
+   Felzenszwalb superpixels, unions of multi-scale superpixels by a colour model of box
+   versus surroundings). Candidates may extend beyond their box.
+2. Initial assignment (round 0): each box takes the candidate of lowest overlap cost
+   ``eps_o = 1 - IoU(candidate, box)`` (BoxSup's overlapping objective).
+3. Rounds: the network is trained on the current masks for ``epochs / rounds`` epochs; then,
+   with the network fixed, every box re-selects the candidate that minimises
+   ``eps_o + cost_weight * eps_r``, where ``eps_r`` is the network's mean cross-entropy over
+   the box pixels against the labelling the candidate induces (its pixels inside the box =
+   the box class, the box's other pixels = background) -- BoxSup's regression objective,
+   restricted to the pixels a box's choice changes. ``sample_top > 1`` draws uniformly among
+   the ``sample_top`` cheapest candidates (BoxSup's randomised greedy choice; seeded).
+4. Mask composition: pixels outside every box are background; boxes are painted largest
+   first, so a smaller box lies on top of a larger one it overlaps; a box's mask is clipped to
+   the box. With ``ignore_top=2`` ("Simple Does It" M∩G+ style), the box pixels where the
+   two cheapest candidates disagree are ignored by the loss. Crowd / "difficult" boxes
+   (``Box.ignore``) make their region void. A box whose chosen mask covers less than
+   ``min_fill`` of it falls back to "Simple Does It"'s Box^i: the central 20% of the box is
+   the object and the rest of the box is ignored.
+
+The mined masks of round K are written to ``OUT_DIR/mined/round_K/labels/<id>.png`` (label
+maps at the working resolution, 255 = ignored) with ``overlays/<id>.png``, the chosen
+candidate kinds (``choices.json``) and statistics (``summary.json``).
+
+``fit`` reads only the samples' images and boxes (``Sample.boxes``, e.g. from
+``open_dataset(..., boxes=PATH)`` or ``boxes_from_masks=True``); it never reads
+``ground_truth``. Use :class:`unsup.training.BoxesOnlyDataset` to make that structural, as
+``unsup train`` does. Validation samples (with masks) are only monitored, never used to pick
+weights, unless ``select_best=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from methods.supervised import NetworkMethod, SampleCache
+from unsup.registry import register
+
+__all__ = ["BoxSup", "mine_masks", "scale_boxes", "boxi_mask", "add_network_candidates"]
+
+
+def scale_boxes(boxes, original_shape, shape) -> list[list[int]]:
+    """Boxes in working-resolution integer pixels: ``[y0, y1, x0, x1, label, ignore]``.
+
+    The box ``x0 <= x < x1`` maps to the pixels it covers after scaling; every box keeps at
+    least one pixel.
+    """
+    H, W = original_shape
+    h, w = shape
+    sy, sx = h / H, w / W
+    out = []
+    for b in boxes or []:
+        y0 = min(max(int(math.floor(b.y0 * sy)), 0), h - 1)
+        x0 = min(max(int(math.floor(b.x0 * sx)), 0), w - 1)
+        y1 = min(max(int(math.ceil(b.y1 * sy)), y0 + 1), h)
+        x1 = min(max(int(math.ceil(b.x1 * sx)), x0 + 1), w)
+        out.append([y0, y1, x0, x1, int(b.label), int(bool(b.ignore))])
+    return out
+
+
+def boxi_mask(box_shape: tuple[int, int], *, inner_fraction: float = 0.2) -> np.ndarray:
+    """"Simple Does It" Box^i over a box: 1 in the centred rectangle holding
+    ``inner_fraction`` of the area, 255 (ignore) elsewhere."""
+    h, w = box_shape
+    f = math.sqrt(inner_fraction)
+    ih, iw = max(1, round(h * f)), max(1, round(w * f))
+    y0, x0 = (h - ih) // 2, (w - iw) // 2
+    out = np.full((h, w), 255, np.uint8)
+    out[y0:y0 + ih, x0:x0 + iw] = 1
+    return out
+
+
+def _selection_costs(cands, label: int, probs: np.ndarray | None, cost_weight: float):
+    """(eps_o, eps_r or None) of every candidate of one box."""
+    from unsup.proposals import box_iou_scores
+
+    eps_o = 1.0 - box_iou_scores(cands)
+    if probs is None or cands.masks.shape[0] == 0 or cost_weight == 0:
+        return eps_o, None
+    wy0, wy1, wx0, wx1 = cands.window
+    by0, by1, bx0, bx1 = cands.box
+    p = probs[:, wy0 + by0:wy0 + by1, wx0 + bx0:wx0 + bx1]
+    nll_obj = -np.log(np.clip(p[label], 1e-6, 1.0))
+    nll_bg = -np.log(np.clip(p[0], 1e-6, 1.0))
+    inside = cands.masks[:, by0:by1, bx0:bx1].reshape(cands.masks.shape[0], -1)
+    n = nll_obj.size
+    eps_r = (inside.astype(np.float64) @ (nll_obj - nll_bg).ravel() + nll_bg.sum()) / n
+    return eps_o, eps_r
+
+
+def mine_masks(shape: tuple[int, int], boxes: list[list[int]], candidates: list, *,
+               probs: np.ndarray | None = None, cost_weight: float = 1.0,
+               ignore_top: int = 2, min_fill: float = 0.05, sample_top: int = 1,
+               rng: np.random.Generator | None = None):
+    """Select one candidate per box and compose the image's training label map.
+
+    Parameters
+    ----------
+    shape : (h, w)
+    boxes : list of [y0, y1, x0, x1, label, ignore]
+        Working-resolution boxes (:func:`scale_boxes`).
+    candidates : list of BoxCandidates or None
+        One entry per box (None for ignore boxes).
+    probs : ndarray (C, h, w), optional
+        Network probabilities: adds the regression cost (rounds after the first).
+    cost_weight : float
+        Weight of the regression cost (BoxSup's lambda).
+    ignore_top : int
+        1 = hard masks; 2 = pixels where the two cheapest candidates disagree are ignored.
+    min_fill : float
+        Below this fraction of its box, a chosen mask is replaced by Box^i.
+    sample_top : int
+        Choose uniformly among this many cheapest candidates (needs ``rng``).
+
+    Returns
+    -------
+    labels : ndarray of uint8, shape (h, w)
+        Classes, 255 = ignored.
+    choices : list of dict
+        Per box: ``{"candidate": index or None, "kind", "iou_box", "cost"}``.
+    """
+    from unsup.training import IGNORE
+
+    labels = np.zeros(shape, np.uint8)
+    choices: list[dict] = [{} for _ in boxes]
+    for (y0, y1, x0, x1, _, ign) in boxes:
+        if ign:
+            labels[y0:y1, x0:x1] = IGNORE
+    order = sorted((i for i, b in enumerate(boxes) if not b[5]),
+                   key=lambda i: -(boxes[i][1] - boxes[i][0]) * (boxes[i][3] - boxes[i][2]))
+    for i in order:
+        y0, y1, x0, x1, label, _ = boxes[i]
+        cands = candidates[i]
+        patch = None
+        if cands is not None and cands.masks.shape[0] > 0:
+            eps_o, eps_r = _selection_costs(cands, label, probs, cost_weight)
+            cost = eps_o if eps_r is None else eps_o + cost_weight * eps_r
+            ranked = np.argsort(cost, kind="stable")
+            pick = 0
+            if sample_top > 1 and rng is not None:
+                pick = int(rng.integers(0, min(sample_top, ranked.size)))
+            best = int(ranked[pick])
+            by0, by1, bx0, bx1 = cands.box
+            inside = cands.masks[:, by0:by1, bx0:bx1]
+            chosen = inside[best]
+            fill = float(chosen.mean())
+            choices[i] = {"candidate": best, "kind": cands.names[best],
+                          "iou_box": float(1.0 - eps_o[best]), "cost": float(cost[best]),
+                          "fill": fill}
+            if fill >= min_fill:
+                patch = np.where(chosen, np.uint8(label), np.uint8(0))
+                others = [int(k) for k in ranked if int(k) != best]
+                if ignore_top >= 2 and others:
+                    patch[chosen != inside[others[0]]] = IGNORE
+        if patch is None:
+            patch = boxi_mask((y1 - y0, x1 - x0))
+            patch[patch == 1] = label
+            choices[i] = {**choices[i], "candidate": None, "kind": "box_i"}
+        region = labels[y0:y1, x0:x1]
+        obj = (patch != 0) & (patch != IGNORE)
+        free = (region == 0) | (region == IGNORE)
+        region[obj] = patch[obj]
+        region[(patch == IGNORE) & free] = IGNORE
+    return labels, choices
+
+
+def add_network_candidates(candidates: list, boxes: list[list[int]], probs: np.ndarray) -> list:
+    """Append to each box's candidates the network's own segment: the pixels of the context
+    window whose most probable class is the box's class (a "Simple Does It"-style recursive
+    candidate, still chosen by the BoxSup cost)."""
+    from unsup.proposals import BoxCandidates
+
+    labels = probs.argmax(0)
+    out = []
+    for cands, box in zip(candidates, boxes, strict=True):
+        if cands is None:
+            out.append(None)
+            continue
+        wy0, wy1, wx0, wx1 = cands.window
+        mine = labels[wy0:wy1, wx0:wx1] == box[4]
+        out.append(BoxCandidates(window=cands.window, box=cands.box,
+                                 masks=np.concatenate([cands.masks, mine[None]]),
+                                 names=[*cands.names, "network"]))
+    return out
+
+
+def _pack_candidates(cands_list) -> dict[str, np.ndarray]:
+    arrays = {}
+    for j, c in enumerate(cands_list):
+        if c is None:
+            continue
+        arrays[f"window_{j}"] = np.asarray(c.window, np.int64)
+        arrays[f"box_{j}"] = np.asarray(c.box, np.int64)
+        arrays[f"shape_{j}"] = np.asarray(c.masks.shape, np.int64)
+        arrays[f"masks_{j}"] = np.packbits(c.masks.ravel())
+        arrays[f"names_{j}"] = np.asarray(c.names, dtype=np.str_)
+    return arrays
+
+
+def _unpack_candidates(path: Path, n_boxes: int) -> list:
+    from unsup.proposals import BoxCandidates
+
+    out: list = [None] * n_boxes
+    with np.load(path, allow_pickle=False) as data:
+        for j in range(n_boxes):
+            if f"window_{j}" not in data.files:
+                continue
+            shape = tuple(int(v) for v in data[f"shape_{j}"])
+            count = int(np.prod(shape))
+            masks = np.unpackbits(data[f"masks_{j}"], count=count).astype(bool).reshape(shape)
+            out[j] = BoxCandidates(window=tuple(int(v) for v in data[f"window_{j}"]),
+                                   box=tuple(int(v) for v in data[f"box_{j}"]), masks=masks,
+                                   names=[str(s) for s in data[f"names_{j}"]])
+    return out
+
+
+@register
+class BoxSup(NetworkMethod):
+    """Segmentation network trained from boxes by candidate-mask mining (BoxSup).
+
+    Parameters
+    ----------
+    rounds : int
+        Mask-mining rounds: round 0 uses the box-overlap cost only; the masks are re-mined
+        with the network after every ``ceil(epochs / rounds)`` epochs.
+    cost_weight : float
+        Weight of the network term in the selection cost (BoxSup's lambda).
+    ignore_top : int
+        2: ignore the box pixels where the two cheapest candidates disagree; 1: hard masks.
+    min_fill : float
+        Chosen masks covering less of their box fall back to Box^i.
+    sample_top : int
+        Draw among this many cheapest candidates (1 = always the cheapest).
+    context : float
+        Context margin of the proposals (fraction of the box size).
+    network_candidate : bool
+        From round 1 on, add the network's own segment (pixels of the box's class in the
+        context window) to each box's candidates (an extension in the spirit of "Simple
+        Does It"'s recursive training; off = the paper's candidate pool).
+    select_best : bool
+        Keep the weights of the epoch with the best validation mIoU (uses validation
+        *masks*; off by default so that nothing depends on masks).
+    decoder, backbone, pretrained, n_classes, epochs, batch_size, crop_size, max_side,
+    scale_range, hflip, color_jitter, lr, weight_decay, encoder_lr_scale, freeze_blocks,
+    dice_weight, class_weighting, patience, flip_test, num_workers, device, seed
+        As for ``supervised`` (:class:`methods.supervised.Supervised`); ``n_classes``
+        defaults to the largest box label + 1.
+    """
+
+    name = "boxsup"
+    summary = "segmentation network trained from bounding boxes (BoxSup candidate mining)"
+    supervision = "boxes"
+
+    def __init__(self, *, rounds: int = 3, cost_weight: float = 1.0, ignore_top: int = 2,
+                 min_fill: float = 0.05, sample_top: int = 1, context: float = 0.25,
+                 network_candidate: bool = False, select_best: bool = False,
+                 decoder: str = "unet",
+                 backbone: str = "efficientnet-lite0", pretrained: bool = True,
+                 n_classes: int | None = None, epochs: int = 20, batch_size: int = 8,
+                 crop_size: int = 224, max_side: int = 320, scale_range=(0.7, 1.3),
+                 hflip: bool = True, color_jitter: float = 0.2, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, encoder_lr_scale: float = 0.1,
+                 freeze_blocks: int = 0, dice_weight: float = 0.0,
+                 class_weighting: str = "none", patience: int | None = None,
+                 flip_test: bool = True, num_workers: int = 0, device: str | None = None,
+                 seed: int = 0):
+        self.rounds = rounds
+        self.cost_weight = cost_weight
+        self.ignore_top = ignore_top
+        self.min_fill = min_fill
+        self.sample_top = sample_top
+        self.context = context
+        self.network_candidate = network_candidate
+        self.select_best = select_best
+        self.decoder = decoder
+        self.backbone = backbone
+        self.pretrained = pretrained
+        self.n_classes = n_classes
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.crop_size = crop_size
+        self.max_side = max_side
+        self.scale_range = scale_range
+        self.hflip = hflip
+        self.color_jitter = color_jitter
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.encoder_lr_scale = encoder_lr_scale
+        self.freeze_blocks = freeze_blocks
+        self.dice_weight = dice_weight
+        self.class_weighting = class_weighting
+        self.patience = patience
+        self.flip_test = flip_test
+        self.num_workers = num_workers
+        self.device = device
+        self.seed = seed
+
+    # -- caching: image, boxes and candidates (never the masks) --------------------------------
+    def _fingerprint(self) -> dict:
+        return {"kind": "boxes", "max_side": self.max_side, "context": self.context}
+
+    def _prepare_item(self, sample, index, shape, cache_dir, small_image) -> dict:
+        from unsup.proposals import box_candidates
+
+        if sample.boxes is None:
+            raise ValueError(f"{sample.path}: sample has no boxes; train boxsup with `unsup "
+                             "train --method boxsup --data SPEC --boxes PATH` (or "
+                             "--boxes-from-masks) and segment with --model MODEL_DIR")
+        boxes = scale_boxes(sample.boxes, sample.image.shape[:2], shape)
+        cands = [None if b[5] else box_candidates(small_image, tuple(b[:4]),
+                                                  context=self.context, seed=self.seed + j)
+                 for j, b in enumerate(boxes)]
+        path = Path(cache_dir) / "extra" / f"{index:06d}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from unsup.io import atomic_write_path
+
+        with atomic_write_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **_pack_candidates(cands))
+        labels = [b[4] for b in boxes if not b[5]]
+        return {"boxes": boxes, "max_label": max(labels, default=0)}
+
+    # -- rounds -------------------------------------------------------------------------------
+    def _epochs_per_round(self, epochs: int) -> int:
+        rounds = max(int(self.rounds), 1)
+        return max(1, math.ceil(epochs / rounds))
+
+    def _round_of(self, epoch: int, epochs: int) -> int:
+        return min(epoch // self._epochs_per_round(epochs), max(int(self.rounds), 1) - 1)
+
+    def mined_dir(self, out_dir, round_index: int) -> Path:
+        return Path(out_dir) / "mined" / f"round_{round_index}"
+
+    def _mine(self, cache: SampleCache, out_dir: Path, round_index: int, model=None,
+              progress: bool = False) -> dict:
+        """Mine every image's masks for ``round_index`` (with the network when given)."""
+        from tqdm import tqdm
+
+        from unsup.io import atomic_write_bytes, write_label_map, write_overlay
+        from unsup.models import predict_probabilities
+
+        target = self.mined_dir(out_dir, round_index)
+        previous = self.mined_dir(out_dir, round_index - 1) if round_index > 0 else None
+        prev_choices = {}
+        if previous is not None and (previous / "choices.json").is_file():
+            prev_choices = json.loads((previous / "choices.json").read_text())
+        rng = np.random.default_rng([int(self.seed), int(round_index), 0xB0C5])
+        all_choices, kinds, fills, ious, changed, n_boxes = {}, {}, [], [], 0, 0
+        bar = tqdm(range(len(cache)), desc=f"boxsup: mining round {round_index}",
+                   unit="img", disable=not progress, leave=False)
+        for i in bar:
+            item = cache.items[i]
+            boxes = item["boxes"]
+            cands = _unpack_candidates(cache.extra_path(i, ".npz"), len(boxes))
+            image = cache.image(i)
+            probs = None
+            if model is not None:
+                # no test-time flip here: mining runs over the whole training set each round
+                probs = predict_probabilities(model, image)
+                if self.network_candidate:
+                    cands = add_network_candidates(cands, boxes, probs)
+            labels, choices = mine_masks(tuple(item["shape"]), boxes, cands, probs=probs,
+                                         cost_weight=self.cost_weight,
+                                         ignore_top=self.ignore_top, min_fill=self.min_fill,
+                                         sample_top=self.sample_top, rng=rng)
+            write_label_map(target / "labels" / f"{item['id']}.png", labels)
+            write_overlay(target / "overlays" / f"{item['id']}.png", image, labels)
+            all_choices[item["id"]] = choices
+            before = prev_choices.get(item["id"])
+            for j, ch in enumerate(choices):
+                if not ch:
+                    continue
+                n_boxes += 1
+                kinds[ch["kind"]] = kinds.get(ch["kind"], 0) + 1
+                fills.append(ch.get("fill", 0.0))
+                ious.append(ch.get("iou_box", 0.0))
+                if before is not None and before[j].get("candidate") != ch.get("candidate"):
+                    changed += 1
+        summary = {"round": round_index, "images": len(cache), "boxes": n_boxes,
+                   "kinds": kinds, "mean_fill": float(np.mean(fills)) if fills else None,
+                   "mean_iou_box": float(np.mean(ious)) if ious else None,
+                   "changed_fraction": (changed / n_boxes if n_boxes and prev_choices
+                                        else None),
+                   "with_network": model is not None}
+        atomic_write_bytes(target / "choices.json", json.dumps(all_choices).encode())
+        atomic_write_bytes(target / "summary.json", json.dumps(summary, indent=2).encode())
+        return summary
+
+    # -- NetworkMethod hooks ------------------------------------------------------------------
+    def _fit(self, samples, val_samples, out_dir, epochs, max_minutes, resume, progress):
+        self._run = {"out_dir": Path(out_dir), "epochs": epochs, "progress": progress}
+        return super()._fit(samples, val_samples, out_dir, epochs, max_minutes, resume,
+                            progress)
+
+    def _target_loader(self, cache: SampleCache):
+        from unsup.io import read_label_map
+
+        state = self._run
+        state["round"] = 0
+
+        def load_pair(i):
+            folder = self.mined_dir(state["out_dir"], state["round"])
+            return cache.image(i), read_label_map(folder / "labels" /
+                                                  f"{cache.items[i]['id']}.png")
+
+        return load_pair
+
+    def _batches(self, make_batches, cache, out_dir):
+        state = self._run
+        epochs = state["epochs"]
+        if not (self.mined_dir(out_dir, 0) / "summary.json").is_file():
+            self._mine(cache, out_dir, 0, progress=state["progress"])
+
+        def batches(epoch, start=0):
+            round_index = self._round_of(epoch, epochs)
+            if not (self.mined_dir(out_dir, round_index) / "summary.json").is_file():
+                # a resumed run (or one whose epochs changed) reaches a round that was not
+                # mined at the end of the previous epoch: mine it now, from the same weights
+                self._mine(cache, out_dir, round_index, model=state["task"].model,
+                           progress=state["progress"])
+            state["round"] = round_index
+            return make_batches(epoch, start=start)
+
+        batches.steps_per_epoch = make_batches.steps_per_epoch
+        return batches
+
+    def _make_task(self, network, *, cache, val_cache, n_classes, total_steps, out_dir,
+                   epochs):
+        from unsup.training import SegmentationTask
+
+        method = self
+
+        class BoxSupTask(SegmentationTask):
+            mined_stats: dict = {}
+
+            def end_epoch(self, epoch: int) -> None:
+                next_round = method._round_of(epoch + 1, epochs)
+                if epoch + 1 < epochs and next_round > method._round_of(epoch, epochs):
+                    summary = method._mine(cache, out_dir, next_round, model=self.model,
+                                           progress=method._run["progress"])
+                    self.mined_stats = {"mined_changed": float(summary["changed_fraction"]
+                                                               or 0.0),
+                                        "mined_fill": float(summary["mean_fill"] or 0.0)}
+
+            def validate(self) -> dict:
+                out = super().validate()
+                out.update(self.mined_stats)
+                self.mined_stats = {}
+                return out
+
+        task = BoxSupTask(network, lr=self.lr, weight_decay=self.weight_decay,
+                          encoder_lr_scale=self.encoder_lr_scale, total_steps=total_steps,
+                          warmup_steps=min(total_steps // 10, 50),
+                          class_weights=self._class_weights(cache, n_classes),
+                          dice_weight=self.dice_weight,
+                          validator=self._validator(val_cache, n_classes),
+                          device=self._device())
+        self._run["task"] = task
+        return task
+
+    def _monitor(self, has_val: bool):
+        return "miou" if has_val and self.select_best else None
+
+    def _class_weights(self, cache, n_classes):
+        if self.class_weighting in (None, "none"):
+            return None
+        raise ValueError("boxsup: class_weighting='balanced' needs label statistics of the "
+                         "mined masks, which change every round; use 'none'")

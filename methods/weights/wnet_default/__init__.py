@@ -1,0 +1,1 @@
+"""The default W-Net model (trained on BSDS500 train+val images, labels unused)."""

@@ -1,0 +1,357 @@
+"""Box-supervised training (methods.boxsup, unsup.proposals) and `unsup train`: mined masks
+beat filled boxes, the mask composition rules, the network term of the selection cost,
+resume, the time budget, and that masks never reach a box-supervised method."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from methods.boxsup import BoxSup, boxi_mask, mine_masks, scale_boxes
+from unsup.augment import resize_labels
+from unsup.datasets import Box, boxes_from_masks, open_dataset
+from unsup.io import read_label_map, write_image, write_label_map
+from unsup.proposals import box_candidates, box_iou_scores
+from unsup.synthetic import make_shapes_dataset, make_shapes_image
+from unsup.training import IGNORE, BoxesOnlyDataset
+
+TINY = dict(decoder="fcn", max_side=48, crop_size=48, batch_size=4, lr=3e-3,
+            flip_test=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the test machine is shared: one intra-op thread avoids spinning on busy cores
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def filled_boxes(shape, boxes):
+    out = np.zeros(shape, np.int32)
+    for b in sorted(boxes, key=lambda b: -b.area):
+        x0, y0, x1, y1 = b.as_int()
+        out[y0:y1, x0:x1] = b.label
+    return out
+
+
+def test_round0_masks_are_far_better_than_filled_boxes():
+    mined_iou, box_iou = [], []
+    for seed in range(6):
+        image, truth = make_shapes_image((72, 96), n_shapes=2, noise=8, seed=seed)
+        boxes = boxes_from_masks(truth)
+        sb = scale_boxes(boxes, truth.shape, truth.shape)
+        cands = [box_candidates(image, tuple(b[:4]), seed=0) for b in sb]
+        mined, choices = mine_masks(truth.shape, sb, cands)
+        assert len(choices) == len(boxes)
+        filled = filled_boxes(truth.shape, boxes)
+        for c in np.unique(truth)[1:]:
+            known = mined != IGNORE
+            mined_iou.append(iou((mined == c) & known, (truth == c) & known))
+            box_iou.append(iou(filled == c, truth == c))
+    assert np.mean(mined_iou) > 0.9
+    assert np.mean(mined_iou) > np.mean(box_iou) + 0.1
+
+
+def test_candidates_extend_beyond_box_and_iou_is_exact():
+    image, truth = make_shapes_image((60, 80), n_shapes=1, noise=4, seed=3)
+    (box,) = boxes_from_masks(truth)
+    x0, y0, x1, y1 = box.as_int()
+    cands = box_candidates(image, (y0, y1, x0, x1), context=0.5)
+    wy0, wy1, wx0, wx1 = cands.window
+    assert wy0 <= y0 and wy1 >= y1 and wx0 <= x0 and wx1 >= x1
+    assert cands.masks.shape[1:] == (wy1 - wy0, wx1 - wx0)
+    assert len(cands.names) == cands.masks.shape[0] >= 1
+    packed = {np.packbits(m).tobytes() for m in cands.masks}
+    assert len(packed) == len(cands.names)  # duplicates are dropped
+    scores = box_iou_scores(cands)
+    inb = cands.box_mask
+    for m, s in zip(cands.masks, scores, strict=True):
+        assert s == pytest.approx((m & inb).sum() / (m | inb).sum())
+    with pytest.raises(ValueError, match="outside"):
+        box_candidates(image, (0, 70, 0, 10))
+
+
+class _Cands:
+    """Hand-made candidates over a window equal to the box."""
+
+    def __init__(self, box_shape, masks, names):
+        from unsup.proposals import BoxCandidates
+
+        h, w = box_shape
+        self.c = BoxCandidates(window=(0, h, 0, w), box=(0, h, 0, w),
+                               masks=np.stack(masks), names=names)
+
+
+def _placed(shape, box, masks, names):
+    from unsup.proposals import BoxCandidates
+
+    y0, y1, x0, x1 = box
+    return BoxCandidates(window=(y0, y1, x0, x1), box=(0, y1 - y0, 0, x1 - x0),
+                         masks=np.stack(masks), names=names)
+
+
+def test_composition_overlap_ignore_boxes_and_fallback():
+    shape = (40, 40)
+    big = [0, 30, 0, 30, 1, 0]
+    small = [10, 20, 10, 20, 2, 0]
+    crowd = [32, 40, 32, 40, 3, 1]
+    full_big = np.ones((30, 30), bool)
+    full_small = np.ones((10, 10), bool)
+    cands = [_placed(shape, big[:4], [full_big], ["a"]),
+             _placed(shape, small[:4], [full_small], ["b"]), None]
+    labels, choices = mine_masks(shape, [big, small, crowd], cands, ignore_top=1)
+    assert (labels[10:20, 10:20] == 2).all()  # the smaller box is on top
+    assert (labels[0:10, 0:30] == 1).all()
+    assert (labels[32:40, 32:40] == IGNORE).all()  # crowd box: void
+    assert (labels[30:32, :] == 0).all() and (labels[:, 30:32] == 0).all()  # outside: bg
+    assert choices[2] == {}
+    # order of the boxes in the list does not matter
+    labels2, _ = mine_masks(shape, [small, big, crowd], [cands[1], cands[0], None],
+                            ignore_top=1)
+    np.testing.assert_array_equal(labels, labels2)
+    # a chosen mask covering too little of its box falls back to Box^i
+    tiny = np.zeros((30, 30), bool)
+    tiny[0, 0:3] = True
+    labels3, choices3 = mine_masks(shape, [big], [_placed(shape, big[:4], [tiny], ["t"])],
+                                   min_fill=0.05)
+    assert choices3[0]["kind"] == "box_i"
+    inner = boxi_mask((30, 30))
+    assert ((labels3[:30, :30] == 1) == (inner == 1)).all()
+    assert ((labels3[:30, :30] == IGNORE) == (inner == IGNORE)).all()
+    assert (inner == 1).mean() == pytest.approx(0.2, abs=0.03)
+
+
+def test_ignore_top_marks_disagreement_of_two_cheapest():
+    shape = (20, 20)
+    box = [0, 20, 0, 20, 1, 0]
+    a = np.zeros((20, 20), bool)
+    a[2:18, 2:18] = True
+    b = np.zeros((20, 20), bool)
+    b[4:16, 4:16] = True
+    labels, _ = mine_masks(shape, [box], [_placed(shape, box[:4], [a, b], ["a", "b"])],
+                           ignore_top=2)
+    assert (labels[4:16, 4:16] == 1).all()  # both agree: object
+    assert (labels[a & ~b] == IGNORE).all()  # they disagree: ignored
+    assert (labels[~a] == 0).all()
+
+
+def test_network_term_overrides_box_overlap():
+    shape = (20, 20)
+    box = [0, 20, 0, 20, 1, 0]
+    loose = np.ones((20, 20), bool)
+    loose[:2] = False  # IoU 0.9 with the box
+    tight = np.zeros((20, 20), bool)
+    tight[5:15, 5:15] = True  # IoU 0.25
+    cands = [_placed(shape, box[:4], [loose, tight], ["loose", "tight"])]
+    _, c0 = mine_masks(shape, [box], cands, ignore_top=1)
+    assert c0[0]["kind"] == "loose"  # round 0: highest IoU with the box
+    probs = np.zeros((2, 20, 20), np.float32)
+    probs[1] = np.where(tight, 0.95, 0.05)
+    probs[0] = 1 - probs[1]
+    _, c1 = mine_masks(shape, [box], cands, probs=probs, cost_weight=1.0, ignore_top=1)
+    assert c1[0]["kind"] == "tight"  # the network agrees with the tight candidate
+    _, c2 = mine_masks(shape, [box], cands, probs=probs, cost_weight=0.0, ignore_top=1)
+    assert c2[0]["kind"] == "loose"
+
+
+def test_network_candidate_is_the_networks_segment():
+    from methods.boxsup import add_network_candidates
+
+    shape = (20, 20)
+    box = [2, 18, 2, 18, 1, 0]
+    square = np.zeros((16, 16), bool)
+    square[4:12, 4:12] = True
+    cands = [_placed(shape, box[:4], [square], ["sq"]), None]
+    probs = np.zeros((2, 20, 20), np.float32)
+    probs[0] = 1.0
+    probs[:, 5:9, 5:15] = [[[0.1]], [[0.9]]]
+    out = add_network_candidates(cands, [box, [0, 2, 0, 2, 1, 1]], probs)
+    assert out[1] is None and out[0].names == ["sq", "network"]
+    np.testing.assert_array_equal(out[0].masks[1], probs[1, 2:18, 2:18] > 0.5)
+    assert cands[0].masks.shape[0] == 1  # input not modified
+
+
+def test_scale_boxes_keeps_pixels():
+    boxes = [Box(10.2, 5.0, 50.7, 40.0, 1), Box(0, 0, 0.5, 0.5, 2, ignore=True)]
+    out = scale_boxes(boxes, (100, 200), (50, 100))
+    assert out[0] == [2, 20, 5, 26, 1, 0]
+    assert out[1][:4] == [0, 1, 0, 1] and out[1][5] == 1
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("boxsup") / "shapes"
+    return make_shapes_dataset(root, 6, shape=(48, 64), n_shapes=2, noise=6, seed=0)
+
+
+def _dataset(root):
+    return open_dataset(f"masks:{root}/images:{root}/masks", boxes_from_masks=True)
+
+
+def test_short_training_run_mines_masks_better_than_boxes(shapes_root, tmp_path):
+    full = _dataset(shapes_root)
+    method = BoxSup(rounds=2, epochs=2, **TINY)
+    method.fit(BoxesOnlyDataset(full), out_dir=tmp_path)
+    for r in (0, 1):
+        folder = tmp_path / "mined" / f"round_{r}"
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["with_network"] == (r == 1) and summary["images"] == 6
+        assert (folder / "overlays").is_dir() and json.loads((folder / "choices.json")
+                                                             .read_text())
+    m_iou, b_iou = [], []
+    for sample in full:
+        truth = sample.label_map
+        mined = read_label_map(tmp_path / "mined" / "round_1" / "labels" / f"{sample.id}.png")
+        mined = resize_labels(mined, truth.shape)
+        filled = filled_boxes(truth.shape, sample.boxes)
+        for c in np.unique(truth)[1:]:
+            known = mined != IGNORE
+            m_iou.append(iou((mined == c) & known, (truth == c) & known))
+            b_iou.append(iou(filled == c, truth == c))
+    assert np.mean(m_iou) > np.mean(b_iou) + 0.1
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert "val_mined_changed" in history["epochs"][0]  # mining stats of round 1
+    seg = method.predict(full.load(0).image)
+    assert seg.labels.shape == full.load(0).image.shape[:2]
+    assert seg.scores.shape[0] == 3
+    method.save(tmp_path / "model")
+    from unsup.registry import load_method
+
+    again = load_method(tmp_path / "model")
+    np.testing.assert_allclose(again.predict(full.load(0).image).scores, seg.scores,
+                               atol=1e-6)
+
+
+def test_resume_continues_the_same_run(shapes_root, tmp_path):
+    ds = BoxesOnlyDataset(_dataset(shapes_root))
+    a = BoxSup(rounds=2, epochs=2, **TINY).fit(ds, out_dir=tmp_path / "a")
+    b = BoxSup(rounds=2, epochs=2, **TINY)
+    b.fit(ds, out_dir=tmp_path / "b", max_minutes=0.001)  # stops after its first step
+    hb = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert hb["stopped"] == "time_budget" and len(hb["epochs"]) < 2
+    b2 = BoxSup(rounds=2, epochs=2, **TINY).fit(ds, out_dir=tmp_path / "b", resume=True)
+    for (name, pa), (_, pb) in zip(a.network_.state_dict().items(),
+                                   b2.network_.state_dict().items(), strict=True):
+        assert torch.equal(pa, pb), name
+    ha = json.loads((tmp_path / "a" / "history.json").read_text())
+    hb = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert [e["loss"] for e in ha["epochs"]] == [e["loss"] for e in hb["epochs"]]
+
+
+def _flat_masks_copy(root, dest):
+    """Same images, masks replaced by their filled boxes (same boxes, other masks)."""
+    ds = open_dataset(f"masks:{root}/images:{root}/masks")
+    for sample in ds:
+        write_image(dest / "images" / f"{sample.id}.png", sample.image)
+        boxes = boxes_from_masks(sample.label_map)
+        write_label_map(dest / "masks" / f"{sample.id}.png",
+                        filled_boxes(sample.label_map.shape, boxes))
+    return dest
+
+
+def test_boxsup_result_does_not_depend_on_masks(tmp_path):
+    # one shape per image: the filled-box masks give exactly the same boxes
+    root = make_shapes_dataset(tmp_path / "one", 4, shape=(48, 64), n_shapes=1, seed=3)
+    other = _flat_masks_copy(root, tmp_path / "flat")
+    a_ds, b_ds = _dataset(root), _dataset(other)
+    differs = []
+    for sa, sb in zip(a_ds, b_ds, strict=True):
+        assert sa.boxes == sb.boxes
+        differs.append(not np.array_equal(sa.label_map, sb.label_map))
+    assert sum(differs) >= 2  # ellipses differ from their filled boxes
+    kw = dict(rounds=2, epochs=2, **TINY)
+    a = BoxSup(**kw).fit(BoxesOnlyDataset(a_ds), out_dir=tmp_path / "ra")
+    b = BoxSup(**kw).fit(BoxesOnlyDataset(b_ds), out_dir=tmp_path / "rb")
+    for sample in a_ds:
+        for r in (0, 1):
+            la = read_label_map(tmp_path / "ra" / "mined" / f"round_{r}" / "labels" /
+                                f"{sample.id}.png")
+            lb = read_label_map(tmp_path / "rb" / "mined" / f"round_{r}" / "labels" /
+                                f"{sample.id}.png")
+            np.testing.assert_array_equal(la, lb)
+    for pa, pb in zip(a.network_.parameters(), b.network_.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_unsup_train_never_gives_masks_to_boxsup(shapes_root, tmp_path, monkeypatch):
+    from unsup.cli import main
+
+    seen = []
+    original = BoxSup.fit
+
+    def spy(self, samples, *, val_samples=None, out_dir=None, epochs=None, max_minutes=None,
+            resume=False, progress=False):
+        for s in samples:
+            seen.append((s.ground_truth, s.boundaries, s.boxes))
+        return original(self, samples, val_samples=val_samples, out_dir=out_dir,
+                        epochs=epochs, max_minutes=max_minutes, resume=resume,
+                        progress=progress)
+
+    monkeypatch.setattr(BoxSup, "fit", spy)
+    out = tmp_path / "model"
+    args = ["train", "--method", "boxsup", "--data",
+            f"masks:{shapes_root}/images:{shapes_root}/masks", "--boxes-from-masks",
+            "--out", str(out), "--epochs", "1", "--no-progress", "-p", "rounds=1"]
+    args += [x for k, v in TINY.items() for x in ("-p", f"{k}={v}")]
+    assert main(args) == 0
+    assert len(seen) == 6
+    assert all(gt is None and bnd is None for gt, bnd, _ in seen)
+    assert all(boxes for _, _, boxes in seen)
+    record = json.loads((out / "train.json").read_text())
+    assert record["boxes_from_masks"] and record["method"] == "boxsup"
+    assert (out / "model.json").is_file() and (out / "checkpoint.pt").is_file()
+    assert (out / "mined" / "round_0" / "summary.json").is_file()
+
+
+def test_unsup_train_max_minutes_stops_in_time(shapes_root, tmp_path):
+    from unsup.cli import main
+    from unsup.registry import load_method
+
+    out = tmp_path / "model"
+    args = ["train", "--method", "supervised", "--data",
+            f"masks:{shapes_root}/images:{shapes_root}/masks", "--out", str(out),
+            "--epochs", "500", "--max-minutes", "0.05", "--no-progress", "-p", "batch_size=2"]
+    args += [x for k, v in TINY.items() if k != "batch_size" for x in ("-p", f"{k}={v}")]
+    t0 = time.monotonic()
+    assert main(args) == 0
+    elapsed = time.monotonic() - t0
+    history = json.loads((out / "history.json").read_text())
+    assert history["stopped"] == "time_budget"
+    assert history["train_seconds"] < 3 + 10  # 3 s budget, one step and saving
+    assert elapsed < 60
+    model = load_method(out)
+    sample = open_dataset(f"masks:{shapes_root}/images:{shapes_root}/masks").load(0)
+    assert model.predict(sample.image).labels.shape == sample.image.shape[:2]
+    from unsup.training import load_checkpoint
+
+    before = load_checkpoint(out / "checkpoint.pt")
+    assert main(args + ["--resume"]) == 0  # continues where the budget stopped it
+    after = load_checkpoint(out / "checkpoint.pt")
+    assert (after["epoch"], after["step"]) > (before["epoch"], before["step"])
+
+
+def test_unsup_train_errors(shapes_root, tmp_path, capsys):
+    from unsup.cli import main
+
+    data = f"masks:{shapes_root}/images:{shapes_root}/masks"
+    assert main(["train", "--method", "boxsup", "--data", data, "--out",
+                 str(tmp_path / "m")]) == 2
+    assert "--boxes-from-masks" in capsys.readouterr().err
+    assert main(["train", "--method", "felzenszwalb", "--data", data, "--out",
+                 str(tmp_path / "m")]) == 2
+    assert "does not learn" in capsys.readouterr().err
+    assert main(["train", "--method", "supervised", "--data", data, "--out",
+                 str(tmp_path / "m"), "-p", "nope=1"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["train", "--method", "supervised", "--data", data, "--out",
+                 str(tmp_path / "m"), "--resume"]) == 2
+    assert "checkpoint" in capsys.readouterr().err

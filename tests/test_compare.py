@@ -1,0 +1,94 @@
+"""`unsup compare`: the table, compare.json keys, the report, parameter dispatch, reuse of
+finished models."""
+
+import json
+
+import pytest
+import torch
+
+from unsup.synthetic import make_shapes_dataset
+
+TINY = dict(decoder="fcn", max_side=48, crop_size=48, batch_size=4, lr=3e-3, flip_test=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    train = make_shapes_dataset(root / "train", 6, shape=(48, 64), n_shapes=2, seed=0)
+    test = make_shapes_dataset(root / "test", 3, shape=(48, 64), n_shapes=2, seed=50)
+    return (f"masks:{train}/images:{train}/masks", f"masks:{test}/images:{test}/masks")
+
+
+def test_compare_writes_table_json_and_report(specs, tmp_path, capsys):
+    from unsup.cli import main
+
+    out = tmp_path / "report"
+    args = ["compare", "--train", specs[0], "--test", specs[1], "--methods",
+            "boxsup,supervised", "--out", str(out), "--epochs", "1", "--no-progress",
+            "--crf", "--overlays", "2", "-p", "boxsup.rounds=1"]
+    args += [x for k, v in TINY.items() for x in ("-p", f"{k}={v}")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| boxsup | boxes |" in printed and "| supervised | masks |" in printed
+    results = json.loads((out / "compare.json").read_text())
+    assert set(results) == {"boxsup", "supervised"}
+    for name, entry in results.items():
+        assert 0.0 <= entry["miou"] <= 1.0
+        assert set(entry["per_class_iou"]) == {"0", "1", "2"}
+        assert entry["train_seconds"] > 0
+        assert entry["crf"] is not None and 0.0 <= entry["crf"]["miou"] <= 1.0
+        assert entry["params"]["decoder"] == "fcn" and entry["params"]["seed"] == 0
+    assert results["boxsup"]["ratio_to_masks"] == pytest.approx(
+        results["boxsup"]["miou"] / results["supervised"]["miou"])
+    assert results["boxsup"]["params"]["rounds"] == 1
+    assert "derived from the training masks" in results["boxsup"]["box_source"]
+    md = (out / "compare.md").read_text()
+    assert "ratio to supervised" in md and "derived from the training masks" in md
+    page = (out / "report.html").read_text()
+    assert "per_class_iou.png" in page and page.count("<img src='overlays/") == 2
+    assert (out / "curves" / "boxsup.png").is_file()
+    for name in ("boxsup", "supervised", "boxsup+crf", "supervised+crf"):
+        assert len(list((out / "predictions" / name / "labels").glob("*.png"))) == 3
+    # a rerun reuses the finished models instead of training again
+    stamp = (out / "models" / "boxsup" / "weights.pt").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "models" / "boxsup" / "weights.pt").stat().st_mtime_ns == stamp
+
+
+def test_split_params_dispatch_and_errors():
+    from unsup.compare import CompareError, split_params
+
+    out = split_params({"lr": 0.1, "boxsup.rounds": 2, "supervised.decoder": "unet"},
+                       ["boxsup", "supervised"])
+    assert out == {"boxsup": {"lr": 0.1, "rounds": 2},
+                   "supervised": {"lr": 0.1, "decoder": "unet"}}
+    with pytest.raises(CompareError, match="no compared method"):
+        split_params({"rounds": 2}, ["supervised"])
+    with pytest.raises(CompareError, match="not one of the compared"):
+        split_params({"wnet.rounds": 2}, ["boxsup"])
+    with pytest.raises(CompareError, match="has no parameter"):
+        split_params({"supervised.rounds": 2}, ["supervised", "boxsup"])
+
+
+def test_compare_errors(specs, tmp_path, capsys):
+    from unsup.cli import main
+
+    base = ["compare", "--train", specs[0], "--test", specs[1], "--out", str(tmp_path)]
+    assert main(base + ["--methods", "felzenszwalb"]) == 2
+    assert "does not learn" in capsys.readouterr().err
+    assert main(base + ["--methods", "supervised,supervised"]) == 2
+    assert "twice" in capsys.readouterr().err
+    assert main(base + ["--methods", "nosuch"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    folder = specs[0].split(":")[1]
+    assert main(["compare", "--train", folder, "--test", specs[1], "--out", str(tmp_path),
+                 "--methods", "boxsup"]) == 2
+    assert "neither boxes nor masks" in capsys.readouterr().err
