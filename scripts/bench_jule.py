@@ -108,6 +108,8 @@ def cmd_digits(args) -> int:
          dict(optimizer="sgd", lr=0.01, unroll_rate=0.2)),
     ]
     for label, rep, kw in configs:
+        if rep not in args.representations:
+            continue
         for learn in (True, False):
             if not learn and kw["unroll_rate"] != 0.9:
                 continue  # the fixed-representation run does not depend on the schedule
@@ -324,6 +326,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("digits")
     p.add_argument("--out", default=None)
     p.add_argument("--iters", type=int, default=50, help="updates per period")
+    p.add_argument("--representations", nargs="+", default=["cnn", "mlp"],
+                   choices=["cnn", "mlp"], help="which JULE representations to run")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_digits)
     p = sub.add_parser("bsds")

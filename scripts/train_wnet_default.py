@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import shutil
 import sys
@@ -100,7 +101,9 @@ def main(argv=None) -> int:
 
         DEFAULT_MODEL_DIR.mkdir(parents=True, exist_ok=True)
         for name in ("model.json", "weights.pt", "training.json"):
-            shutil.copy2(args.out / name, DEFAULT_MODEL_DIR / name)
+            shutil.copyfile(args.out / name, DEFAULT_MODEL_DIR / name)
+            # atomic writes create 0600 files; package data must be readable by everyone
+            os.chmod(DEFAULT_MODEL_DIR / name, 0o644)
         print(f"installed into {DEFAULT_MODEL_DIR}")
     return 0
 

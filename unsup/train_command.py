@@ -265,7 +265,8 @@ def run_train(args: argparse.Namespace) -> int:
               "boxes": args.boxes, "boxes_from_masks": bool(args.boxes_from_masks),
               "seed": args.seed, "epochs": args.epochs, "max_minutes": args.max_minutes,
               "resumed": bool(args.resume), "fit_seconds": round(seconds, 2),
-              "history": history, "command": sys.argv}
+              "history": history, "complete": history.get("stopped") != "time_budget",
+              "command": sys.argv}
     atomic_write_bytes(out / "train.json", json.dumps(record, indent=2, default=str).encode())
     stopped = history.get("stopped", "completed")
     print(f"trained {method.name} in {seconds / 60:.1f} min ({stopped}) -> {out}"

@@ -377,7 +377,10 @@ class _HierarchySweep(_PbSweep):
 
     def region_key(self, k):
         # the joined leaf pairs are nested in t: their number identifies the partition
-        return int(np.count_nonzero(self.hierarchy.edge_level <= self.thresholds[k]))
+        levels = getattr(self.hierarchy, "edge_level", None)
+        if levels is None:  # unknown hierarchy internals: cut at every threshold
+            return None
+        return int(np.count_nonzero(levels <= self.thresholds[k]))
 
     def regions(self, k):
         return self.hierarchy.cut(float(self.thresholds[k]))
@@ -547,6 +550,9 @@ def summarize_bsds(images: list[BsdsImageCounts]):
         One row per image (in input order).
     tables : dict
         The official output tables (``eval_bdry.txt`` etc. as arrays) for the self-test.
+    curves : dict
+        Per-threshold dataset curves (threshold, boundary recall/precision/F, covering, PRI,
+        VOI).
     """
     if not images:
         raise ValueError("no images to summarize")
