@@ -544,6 +544,10 @@ class WNet(SegmentationMethod):
                "+ reconstruction; shipped BSDS500 model")
     supervision = "unlabeled"
     produces_scores = True
+    # `unsup segment --hierarchy` merge order: the softmax is confident almost everywhere, so
+    # its total-variation distance alone orders merges poorly; scores x image gradient was
+    # best on BSDS500 train (SC ODS 0.468 vs 0.411 scores; docs/benchmarks/wnet.md)
+    hierarchy_strength = "combined"
 
     def __init__(self, *, n_classes: int = 8, width: int = 16, dropout: float = 0.1,
                  ncut_weight: float = 1.0, radius: int = 5, sigma_i: float = 10.0,

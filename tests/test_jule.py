@@ -299,3 +299,11 @@ def test_dataset_scope_fit_predict_save_load(tmp_path):
     loaded = load_method(tmp_path / "model")
     seg2 = loaded.predict(sample.image)
     assert np.array_equal(seg.labels, seg2.labels)
+
+
+def test_felzenszwalb_superpixel_parameters_reach_the_superpixels():
+    image, _ = make_shapes_image((64, 80), n_shapes=4, noise=8.0, seed=3)
+    fine = Jule(superpixels="felzenszwalb", scale=5.0, min_size=5)._superpixels(image)
+    coarse = Jule(superpixels="felzenszwalb", scale=500.0, min_size=50)._superpixels(image)
+    assert fine.shape == coarse.shape == image.shape[:2]
+    assert len(np.unique(fine)) > 2 * len(np.unique(coarse))

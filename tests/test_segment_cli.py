@@ -172,3 +172,42 @@ def test_python_module_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "unsup", "methods"], capture_output=True,
                             text=True, cwd=Path(__file__).parent.parent)
     assert result.returncode == 0 and "felzenszwalb" in result.stdout
+
+
+def test_segment_hierarchy_strength_option(tmp_path):
+    """--hierarchy writes one uint16 map per image; --hierarchy-strength changes the merge
+    order (and is recorded in run.json); a strength that needs scores is refused up front
+    for a method without them, before anything is written."""
+    src = _folder(tmp_path, n=2)
+    maps = {}
+    for strength in ("scores", "gradient"):
+        out = tmp_path / strength
+        assert main(["segment", str(src), "--method", "kmeans-color", "--out", str(out),
+                     "--hierarchy", "--hierarchy-strength", strength, "--no-progress"]) == 0
+        run = json.loads((out / "run.json").read_text())
+        assert run["hierarchy"] is True and run["hierarchy_strength"] == strength
+        assert (out / "hierarchy" / "_hierarchy.json").is_file()
+        maps[strength] = {p.name: np.asarray(Image.open(p)) for p in
+                          sorted((out / "hierarchy").glob("*.png"))}
+        assert sorted(maps[strength]) == ["img0.png", "img1.png"]
+        assert all(m.dtype == np.uint16 and m.shape == (48, 64)
+                   for m in maps[strength].values())
+    # same leaves (the same labels), different merge levels
+    for name in maps["scores"]:
+        assert np.array_equal(maps["scores"][name] > 0, maps["gradient"][name] > 0)
+    assert any(not np.array_equal(maps["scores"][n], maps["gradient"][n]) for n in maps["scores"])
+
+    refused = tmp_path / "refused"
+    assert main(["segment", str(src), "--method", "felzenszwalb", "--out", str(refused),
+                 "--hierarchy", "--hierarchy-strength", "combined", "--no-progress"]) == 2
+    assert not refused.exists()
+
+
+def test_wnet_hierarchy_strength_resolves_to_combined():
+    from methods.wnet import WNet
+    from unsup.runner import hierarchy_strength_for
+
+    assert hierarchy_strength_for(WNet()) == "combined"
+    assert hierarchy_strength_for(WNet(), "gradient") == "gradient"
+    with pytest.raises(ValueError, match="hierarchy strength"):
+        hierarchy_strength_for(WNet(), "sobel")

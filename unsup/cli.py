@@ -105,9 +105,17 @@ def cmd_segment(args) -> int:
             return 2
     hierarchy = None
     if args.hierarchy:
-        from unsup.runner import hierarchy_of
+        import functools
 
-        hierarchy = hierarchy_of
+        from unsup.runner import hierarchy_of, hierarchy_strength_for
+
+        strength = hierarchy_strength_for(method, args.hierarchy_strength)
+        if strength in ("scores", "combined") and not method.produces_scores:
+            print(f"unsup: error: --hierarchy-strength {strength} needs per-pixel scores, "
+                  f"which {method.name} does not produce; use gradient or auto",
+                  file=sys.stderr)
+            return 2
+        hierarchy = functools.partial(hierarchy_of, strength=strength)
 
     fit_failures = []
     if method.requires_fit and not method.is_fitted():
@@ -188,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense-CRF parameter (repeatable; implies --crf)")
     p.add_argument("--hierarchy", action="store_true",
                    help="also write OUT/hierarchy/<id>.png ultrametric contour maps")
+    p.add_argument("--hierarchy-strength", default="auto",
+                   choices=("auto", "scores", "gradient", "combined"),
+                   help="boundary strength of the hierarchical merging (auto: the method's "
+                        "choice, else its scores when it has them, else the image gradient)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="recompute finished images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -32,7 +32,14 @@ Merging (:func:`ultrametric_contour_map`)
      pixels of the CIELAB gradient magnitude (Gaussian derivatives at scale
      ``gradient_sigma`` per L*, a*, b* channel, combined in quadrature; units: Delta E per
      pixel). With the default scale 10, a crisp edge of Delta E ~ 25 gets about 0.5.
+   * ``strength="combined"``: the geometric mean of the two, so a boundary is strong only
+     when the class probabilities *and* the image both change there (needs scores). It
+     helps methods whose softmax is confident everywhere (W-Net: the scores alone make a
+     poor merge order), see docs/benchmarks/wnet.md.
    * ``"auto"`` (default): scores when the segmentation has them, the gradient otherwise.
+     ``unsup segment --hierarchy`` lets a method override it (its ``hierarchy_strength``
+     attribute, :func:`unsup.runner.hierarchy_strength_for`) and the user override both
+     (``--hierarchy-strength``).
 
 3. The strength of the boundary between two regions is the mean dissimilarity over all its
    pixel pairs (OWT-UCM's mean contour strength along an arc). Regions are merged greedily,
@@ -243,7 +250,7 @@ def ultrametric_contour_map(image: np.ndarray, segmentation, *, strength: str = 
     segmentation : unsup.base.Segmentation or ndarray of int, shape (H, W)
         The finest level: a method's output (its ``scores`` are used when present and
         ``strength`` allows) or a plain label map.
-    strength : {"auto", "scores", "gradient"}
+    strength : {"auto", "scores", "gradient", "combined"}
         Pixel-pair dissimilarity (see the module docstring); ``"auto"`` uses the scores when
         there are any, the image gradient otherwise.
     gradient_sigma : float

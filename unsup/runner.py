@@ -37,7 +37,7 @@ from unsup.io import (
 )
 
 __all__ = ["segment_image", "segment_dataset", "RunResult", "seed_everything", "output_paths",
-           "hierarchy_of", "fit_if_needed"]
+           "hierarchy_of", "hierarchy_strength_for", "fit_if_needed"]
 
 RUN_FILE = "run.json"
 
@@ -68,19 +68,37 @@ def segment_image(image: np.ndarray, method: SegmentationMethod, *, crf=None,
     return segmentation
 
 
-def hierarchy_of(image: np.ndarray, segmentation: Segmentation) -> np.ndarray:
+def hierarchy_of(image: np.ndarray, segmentation: Segmentation, *,
+                 strength: str = "auto") -> np.ndarray:
     """The ultrametric contour map written by ``unsup segment --hierarchy``.
 
     A method that builds its own hierarchy (JULE's dendrogram) puts it in
     ``segmentation.info["ucm"]``; every other method's regions are merged greedily by
-    :func:`unsup.hierarchy.ultrametric_contour_map`.
+    :func:`unsup.hierarchy.ultrametric_contour_map` with boundary ``strength``.
     """
     own = segmentation.info.get("ucm")
     if own is not None and np.shape(own) == segmentation.labels.shape:
         return np.asarray(own)
     from unsup.hierarchy import ultrametric_contour_map
 
-    return ultrametric_contour_map(image, segmentation)
+    return ultrametric_contour_map(image, segmentation, strength=strength)
+
+
+def hierarchy_strength_for(method, strength: str = "auto") -> str:
+    """The boundary strength ``unsup segment --hierarchy`` uses for ``method``.
+
+    ``"auto"`` resolves to the method's ``hierarchy_strength`` class attribute when it has
+    one (W-Net: ``"combined"``, chosen on BSDS500 train images, docs/benchmarks/wnet.md),
+    else stays ``"auto"`` (scores when the segmentation has them, the image gradient
+    otherwise). Any other value is returned unchanged.
+    """
+    from unsup.hierarchy import STRENGTHS
+
+    if strength not in STRENGTHS:
+        raise ValueError(f"hierarchy strength must be one of {STRENGTHS}, got {strength!r}")
+    if strength == "auto":
+        return str(getattr(method, "hierarchy_strength", "auto"))
+    return strength
 
 
 def output_paths(out: Path, sample_id: str, *, hierarchy: bool = False) -> dict[str, Path]:
@@ -182,6 +200,8 @@ def segment_dataset(dataset: Dataset, method: SegmentationMethod, out, *, crf=No
         "seed": seed,
         "crf": None if crf is None else _jsonable_params(crf),
         "hierarchy": hierarchy is not None,
+        "hierarchy_strength": (None if hierarchy is None
+                               else getattr(hierarchy, "keywords", {}).get("strength", "auto")),
         "model": model_info,
         "input": dataset.spec,
         "command": command,
