@@ -247,6 +247,28 @@ def test_default_taps_depend_on_scope():
     assert create_method("kmeans", scope="dataset", strides=[8, 32])._strides() == (8, 32)
 
 
+def test_default_score_temperature_depends_on_scope_and_features():
+    assert create_method("kmeans", scope="dataset")._temperature() == 0.5
+    assert create_method("kmeans", scope="dataset", features="color")._temperature() == 1.0
+    assert create_method("kmeans")._temperature() == 1.0
+    assert create_method("kmeans", scope="dataset", temperature=2.0)._temperature() == 2.0
+    data = _consistent_dataset(2, (40, 48))
+    images = [image for image, _ in data]
+    default = create_method("kmeans", scope="dataset", features="color", n_clusters=4,
+                            samples_per_image=300).fit(images)
+    explicit = create_method("kmeans", scope="dataset", features="color", n_clusters=4,
+                             samples_per_image=300, temperature=1.0).fit(images)
+    # flat synthetic colours saturate the scores at small temperatures: compare large ones
+    soft = create_method("kmeans", scope="dataset", features="color", n_clusters=4,
+                         samples_per_image=300, temperature=400.0).fit(images)
+    softer = create_method("kmeans", scope="dataset", features="color", n_clusters=4,
+                           samples_per_image=300, temperature=800.0).fit(images)
+    a, b, c, d = (m.predict(images[0]) for m in (default, explicit, soft, softer))
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(c.labels, d.labels)  # the temperature never moves labels
+    assert c.scores.max(axis=0).mean() > d.scores.max(axis=0).mean()
+
+
 def test_whitened_and_normalised_projections():
     # whitening: the fitted samples have zero mean and unit variance along every kept
     # component; l2_normalize puts every projected vector on the unit sphere; both still
