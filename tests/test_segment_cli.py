@@ -211,3 +211,13 @@ def test_wnet_hierarchy_strength_resolves_to_combined():
     assert hierarchy_strength_for(WNet(), "gradient") == "gradient"
     with pytest.raises(ValueError, match="hierarchy strength"):
         hierarchy_strength_for(WNet(), "sobel")
+
+
+def test_cli_hierarchy_strength_choices_match_the_hierarchy_module():
+    # the parser lists them literally (so that `unsup --help` does not import scipy)
+    from unsup.cli import build_parser
+    from unsup.hierarchy import STRENGTHS
+
+    segment = next(a for a in build_parser()._subparsers._group_actions[0].choices["segment"]
+                   ._actions if a.dest == "hierarchy_strength")
+    assert tuple(segment.choices) == STRENGTHS
