@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from methods.boxsup import BoxSup, boxi_mask, mine_masks, scale_boxes
+from methods.boxsup import (BOX_CODE_BASE, BoxSup, boxi_mask, encode_box_targets, ignore_untight,
+                            mine_masks, scale_boxes, tightness_loss)
 from unsup.augment import resize_labels
 from unsup.datasets import Box, boxes_from_masks, open_dataset
 from unsup.io import read_label_map, write_image, write_label_map
@@ -207,7 +208,8 @@ def _dataset(root):
 
 def test_short_training_run_mines_masks_better_than_boxes(shapes_root, tmp_path):
     full = _dataset(shapes_root)
-    method = BoxSup(rounds=2, epochs=2, **TINY)
+    # the BoxSup paper's training (the tightness prior has its own test below)
+    method = BoxSup(rounds=2, epochs=2, tightness_weight=0.0, tightness_ignore=False, **TINY)
     method.fit(BoxesOnlyDataset(full), out_dir=tmp_path)
     for r in (0, 1):
         folder = tmp_path / "mined" / f"round_{r}"
@@ -529,3 +531,86 @@ def test_short_training_run_with_crf_recursion(shapes_root, tmp_path):
     with pytest.raises(ValueError, match="mining_crf"):
         BoxSup(rounds=2, epochs=2, recursion="crf", mining_crf="n_iter=0", **TINY).fit(
             BoxesOnlyDataset(full), out_dir=tmp_path / "bad2")
+
+
+# -- box tightness prior ------------------------------------------------------------------------
+
+def test_ignore_untight_ignores_background_of_rows_and_columns_without_object():
+    labels = np.zeros((10, 12), np.uint8)
+    labels[2:6, 3:7] = 1          # object fills rows 2-5, columns 3-6 of the box ...
+    box = [2, 9, 3, 10, 1, 0]     # ... but the box spans rows 2-8 and columns 3-9
+    before = labels.copy()
+    out = ignore_untight(labels, [box])
+    np.testing.assert_array_equal(labels, before)  # input not modified
+    assert (out[6:9, 3:10] == IGNORE).all()        # rows 6-8 of the box: no object
+    assert (out[2:6, 7:10] == IGNORE).all()        # columns 7-9 of the box: no object
+    assert (out[2:6, 3:7] == 1).all()              # the object stays
+    outside = np.ones(labels.shape, bool)
+    outside[2:9, 3:10] = False
+    assert (out[outside] == 0).all()               # nothing changes outside the box
+    # a crowd box is left alone; a tight object changes nothing
+    np.testing.assert_array_equal(ignore_untight(labels, [[2, 9, 3, 10, 1, 1]]), labels)
+    np.testing.assert_array_equal(ignore_untight(labels, [[2, 6, 3, 7, 1, 0]]), labels)
+
+
+def test_box_codes_survive_augmentation_and_decode():
+    from unsup.augment import augment_pair
+
+    labels = np.zeros((40, 50), np.uint8)
+    labels[10:20, 5:15] = 2
+    labels[0:3, 0:3] = IGNORE
+    boxes = [[8, 30, 4, 40, 2, 0], [12, 16, 20, 25, 1, 0], [0, 5, 45, 50, 1, 1]]
+    codes = encode_box_targets(labels, boxes)
+    assert codes.dtype == np.int32
+    np.testing.assert_array_equal(codes % BOX_CODE_BASE, labels)
+    box_code = codes // BOX_CODE_BASE
+    assert box_code[0, 49] == 0                      # crowd box: no code
+    assert box_code[14, 22] == 1 + 1 + BOX_CODE_BASE * 1   # the smaller box is on top
+    assert box_code[25, 30] == 1 + 2                 # box 0, class 2
+    image = np.zeros((40, 50, 3), np.uint8)
+    _, aug = augment_pair(image, codes, rng=np.random.default_rng(3), crop_size=32,
+                          scale_range=(0.8, 1.2), color_jitter=0, ignore_index=IGNORE)
+    assert set(np.unique(aug % BOX_CODE_BASE)) <= {0, 2, IGNORE}
+    assert set(np.unique(aug // BOX_CODE_BASE)) <= {0, 3, 2 + BOX_CODE_BASE}
+
+
+def test_tightness_loss_wants_an_object_pixel_on_every_line_of_a_box():
+    h, w = 12, 12
+    codes = torch.zeros(1, h, w, dtype=torch.long)
+    codes[0, 3:9, 2:10] = 1 + 1  # box of class 1, fully inside the crop
+    logits = torch.zeros(1, 2, h, w)
+    logits[0, 0] = 5.0           # background everywhere: every line is violated
+    bad = tightness_loss(logits, codes)
+    good_logits = logits.clone()
+    good_logits[0, 1, 3:9, 5] = 10.0   # a vertical object stroke: every row has one ...
+    good_logits[0, 1, 6, 2:10] = 10.0  # ... and a horizontal one: every column has one
+    good = tightness_loss(good_logits, codes)
+    assert bad > 4.0 and good < 0.01
+    # only the box's lines count: an object pixel outside the box does not help
+    outside = logits.clone()
+    outside[0, 1, 0:2, :] = 10.0
+    assert torch.isclose(tightness_loss(outside, codes), bad)
+    # the gradient raises the object score of the best pixel of each violated line
+    x = logits.clone().requires_grad_(True)
+    tightness_loss(x, codes).backward()
+    assert (x.grad[0, 1, 3:9, 2:10] <= 0).all() and (x.grad[0, 1] < 0).any()
+    # a box cut by the crop's edges gives no rows (left/right cut) or columns (top/bottom)
+    cut = torch.zeros(1, h, w, dtype=torch.long)
+    cut[0, 0:12, 0:12] = 2
+    assert float(tightness_loss(logits, cut)) == 0.0
+    assert float(tightness_loss(logits, torch.zeros_like(codes))) == 0.0
+
+
+def test_short_training_run_with_tightness_prior(shapes_root, tmp_path):
+    full = _dataset(shapes_root)
+    method = BoxSup(rounds=2, epochs=2, tightness_weight=1.0, tightness_ignore=True, **TINY)
+    method.fit(BoxesOnlyDataset(full), out_dir=tmp_path)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert all(e["tightness"] >= 0 for e in history["epochs"])
+    m_iou, b_iou = [], []
+    for sample in full:
+        mined = read_label_map(tmp_path / "mined" / "round_1" / "labels" / f"{sample.id}.png")
+        _collect_ious(mined, sample.label_map, sample.boxes, m_iou, b_iou)
+    assert np.mean(m_iou) > np.mean(b_iou) + 0.1
+    seg = method.predict(full.load(0).image)
+    assert seg.labels.shape == full.load(0).image.shape[:2]
