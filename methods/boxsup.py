@@ -673,7 +673,7 @@ class BoxSup(NetworkMethod):
         (:func:`ignore_untight`), so the masks do not contradict the tightness prior.
         Why both are on by default: the candidates miss thin parts (horse legs) together, so
         the consensus labels them background; on the Weizmann Horse validation split (3
-        seeds) the ignore rule raised foreground IoU from 0.805 to 0.816 and the loss at
+        seeds) the ignore rule raised foreground IoU from 0.802 to 0.816 and the loss at
         weight 0.2 to 0.825 (weight 0.5: 0.817, 1: 0.796 on seed 0); see
         docs/benchmarks/boxsup.md, session 5. Set ``tightness_weight=0,
         tightness_ignore=False`` for the BoxSup paper's training.
