@@ -560,6 +560,39 @@ def tightness_loss(logits, box_codes):
     return torch.cat(terms).mean()
 
 
+def pairwise_color_loss(logits, images, box_codes, *, max_color_distance: float = 8.0,
+                        dilations: tuple[int, ...] = (1, 2)):
+    """Pairwise term of BoxInst (Tian et al., CVPR 2021) inside boxes: neighbouring pixels of
+    nearly the same colour should get the same class.
+
+    For every pixel pair ``(i, j)`` at horizontal / vertical offsets ``dilations`` whose RGB
+    distance is below ``max_color_distance`` (0..255 scale) and which both lie in a box, the
+    loss is ``-log sum_c p_i(c) p_j(c)`` (the probability that both take the same class),
+    averaged over such pairs. It gives the ignored pixels of the mined masks a signal from
+    their labelled, similarly coloured neighbours.
+    """
+    import torch
+
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    inside = box_codes > 0
+    images = images.float()
+    terms = []
+    for d in dilations:
+        for dy, dx in ((0, d), (d, 0)):
+            h, w = logits.shape[2] - dy, logits.shape[3] - dx
+            a = (slice(None), slice(None), slice(0, h), slice(0, w))
+            b = (slice(None), slice(None), slice(dy, dy + h), slice(dx, dx + w))
+            close = (images[a] - images[b]).pow(2).sum(1).sqrt() < max_color_distance
+            keep = close & inside[:, 0:h, 0:w] & inside[:, dy:dy + h, dx:dx + w]
+            if not bool(keep.any()):
+                continue
+            same = torch.logsumexp(log_p[a] + log_p[b], dim=1)
+            terms.append(-same[keep])
+    if not terms:
+        return logits.sum() * 0.0
+    return torch.cat(terms).mean()
+
+
 def add_network_candidates(candidates: list, boxes: list[list[int]], probs: np.ndarray) -> list:
     """Append to each box's candidates the network's own segment: the pixels of the context
     window whose most probable class is the box's class (a "Simple Does It"-style recursive
@@ -677,6 +710,9 @@ class BoxSup(NetworkMethod):
         weight 0.2 to 0.825 (weight 0.5: 0.817, 1: 0.796 on seed 0); see
         docs/benchmarks/boxsup.md, session 5. Set ``tightness_weight=0,
         tightness_ignore=False`` for the BoxSup paper's training.
+    pairwise_weight : float
+        Weight of BoxInst's pairwise colour term inside boxes (:func:`pairwise_color_loss`);
+        0 = off.
     select_best : bool
         Keep the weights of the epoch with the best validation mIoU (uses validation
         *masks*; off by default so that nothing depends on masks).
@@ -698,6 +734,7 @@ class BoxSup(NetworkMethod):
                  recursion: str = "fill", round0_crf: bool = False,
                  mining_crf=None, relabel_min_fill: float = 0.1,
                  tightness_weight: float = 0.2, tightness_ignore: bool = True,
+                 pairwise_weight: float = 0.0,
                  select_best: bool = False,
                  decoder: str = "unet",
                  backbone: str = "efficientnet-lite0", pretrained: bool = True,
@@ -725,6 +762,7 @@ class BoxSup(NetworkMethod):
         self.relabel_min_fill = relabel_min_fill
         self.tightness_weight = tightness_weight
         self.tightness_ignore = tightness_ignore
+        self.pairwise_weight = pairwise_weight
         self.select_best = select_best
         self.decoder = decoder
         self.backbone = backbone
@@ -884,11 +922,14 @@ class BoxSup(NetworkMethod):
         def load_pair(i):
             folder = self.mined_dir(state["out_dir"], state["round"])
             labels = read_label_map(folder / "labels" / f"{cache.items[i]['id']}.png")
-            if self.tightness_weight > 0:  # the boxes ride along through the augmentation
+            if self._packs_boxes():  # the boxes ride along through the augmentation
                 labels = encode_box_targets(labels, cache.items[i]["boxes"])
             return cache.image(i), labels
 
         return load_pair
+
+    def _packs_boxes(self) -> bool:
+        return self.tightness_weight > 0 or self.pairwise_weight > 0
 
     def _batches(self, make_batches, cache, out_dir):
         state = self._run
@@ -918,14 +959,20 @@ class BoxSup(NetworkMethod):
         class BoxSupTask(SegmentationTask):
             mined_stats: dict = {}
 
-            def compute_loss(self, logits, targets):
-                if method.tightness_weight <= 0:
-                    return super().compute_loss(logits, targets)
+            def compute_loss(self, logits, targets, *, images=None):
+                if not method._packs_boxes():
+                    return super().compute_loss(logits, targets, images=images)
                 labels, box_codes = targets % BOX_CODE_BASE, targets // BOX_CODE_BASE
-                loss, parts = super().compute_loss(logits, labels)
-                tight = tightness_loss(logits, box_codes)
-                return (loss + method.tightness_weight * tight,
-                        {**parts, "tightness": float(tight.detach())})
+                loss, parts = super().compute_loss(logits, labels, images=images)
+                if method.tightness_weight > 0:
+                    tight = tightness_loss(logits, box_codes)
+                    loss = loss + method.tightness_weight * tight
+                    parts["tightness"] = float(tight.detach())
+                if method.pairwise_weight > 0:
+                    pair = pairwise_color_loss(logits, images, box_codes)
+                    loss = loss + method.pairwise_weight * pair
+                    parts["pairwise"] = float(pair.detach())
+                return loss, parts
 
             def end_epoch(self, epoch: int) -> None:
                 next_round = method._round_of(epoch + 1, epochs)

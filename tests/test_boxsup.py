@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from methods.boxsup import (BOX_CODE_BASE, BoxSup, boxi_mask, encode_box_targets, ignore_untight,
-                            mine_masks, scale_boxes, tightness_loss)
+from methods.boxsup import (
+    BOX_CODE_BASE,
+    BoxSup,
+    boxi_mask,
+    encode_box_targets,
+    ignore_untight,
+    mine_masks,
+    pairwise_color_loss,
+    scale_boxes,
+    tightness_loss,
+)
 from unsup.augment import resize_labels
 from unsup.datasets import Box, boxes_from_masks, open_dataset
 from unsup.io import read_label_map, write_image, write_label_map
@@ -614,3 +623,28 @@ def test_short_training_run_with_tightness_prior(shapes_root, tmp_path):
     assert np.mean(m_iou) > np.mean(b_iou) + 0.1
     seg = method.predict(full.load(0).image)
     assert seg.labels.shape == full.load(0).image.shape[:2]
+
+
+def test_pairwise_color_loss_rewards_same_class_on_same_colour_inside_boxes():
+    images = torch.zeros(1, 3, 8, 8)
+    images[:, :, :, 4:] = 200.0      # two flat colour halves
+    codes = torch.ones(1, 8, 8, dtype=torch.long)
+    consistent = torch.zeros(1, 2, 8, 8)
+    consistent[0, 0, :, :4] = 8.0
+    consistent[0, 1, :, 4:] = 8.0    # one class per colour half
+    assert float(pairwise_color_loss(consistent, images, codes)) < 0.01
+    uncertain = torch.zeros(1, 2, 8, 8)
+    assert float(pairwise_color_loss(uncertain, images, codes)) == pytest.approx(np.log(2), abs=1e-5)
+    # a checkerboard of confident classes on a flat colour is penalised heavily
+    checker = torch.zeros(1, 2, 8, 8)
+    yy, xx = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    checker[0, 0] = 8.0 * ((yy + xx) % 2)
+    checker[0, 1] = 8.0 * (1 - (yy + xx) % 2)
+    flat = torch.zeros(1, 3, 8, 8)
+    assert float(pairwise_color_loss(checker, flat, codes)) > 3.0
+    # pairs outside boxes and pairs across a colour edge do not count
+    assert float(pairwise_color_loss(checker, flat, torch.zeros_like(codes))) == 0.0
+    stripes = torch.zeros(1, 3, 8, 8)
+    stripes[:, :, :, 1::2] = 200.0
+    stripes[:, :, 1::2, :] = 200.0 - stripes[:, :, 1::2, :]
+    assert float(pairwise_color_loss(checker, stripes, codes, dilations=(1,))) == 0.0

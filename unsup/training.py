@@ -756,16 +756,16 @@ class SegmentationTask:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             logits = self.model(images)
-        loss, parts = self.compute_loss(logits, targets)
+        loss, parts = self.compute_loss(logits, targets, images=images)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return {"loss": float(loss.detach()), **parts}
 
-    def compute_loss(self, logits, targets):
+    def compute_loss(self, logits, targets, *, images=None):
         """The training loss of one batch and a dict of extra values to log (subclasses with
-        other targets override this)."""
+        other targets or image-dependent terms override this)."""
         return segmentation_loss(logits, targets, class_weights=self.class_weights,
                                  dice_weight=self.dice_weight), {}
 
