@@ -218,7 +218,8 @@ def _dataset(root):
 def test_short_training_run_mines_masks_better_than_boxes(shapes_root, tmp_path):
     full = _dataset(shapes_root)
     # the BoxSup paper's training (the tightness prior has its own test below)
-    method = BoxSup(rounds=2, epochs=2, tightness_weight=0.0, tightness_ignore=False, **TINY)
+    method = BoxSup(rounds=2, epochs=2, tightness_weight=0.0, tightness_ignore=False,
+                    pairwise_weight=0.0, **TINY)
     method.fit(BoxesOnlyDataset(full), out_dir=tmp_path)
     for r in (0, 1):
         folder = tmp_path / "mined" / f"round_{r}"
