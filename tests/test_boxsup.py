@@ -613,10 +613,11 @@ def test_tightness_loss_wants_an_object_pixel_on_every_line_of_a_box():
 
 def test_short_training_run_with_tightness_prior(shapes_root, tmp_path):
     full = _dataset(shapes_root)
-    method = BoxSup(rounds=2, epochs=2, tightness_weight=1.0, tightness_ignore=True, **TINY)
+    method = BoxSup(rounds=2, epochs=2, tightness_weight=1.0, tightness_ignore=True,
+                    pairwise_weight=0.5, **TINY)
     method.fit(BoxesOnlyDataset(full), out_dir=tmp_path)
     history = json.loads((tmp_path / "history.json").read_text())
-    assert all(e["tightness"] >= 0 for e in history["epochs"])
+    assert all(e["tightness"] >= 0 and e["pairwise"] >= 0 for e in history["epochs"])
     m_iou, b_iou = [], []
     for sample in full:
         mined = read_label_map(tmp_path / "mined" / "round_1" / "labels" / f"{sample.id}.png")
