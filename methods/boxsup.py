@@ -915,6 +915,11 @@ class BoxSup(NetworkMethod):
 
     # -- NetworkMethod hooks ------------------------------------------------------------------
     def _fit(self, samples, val_samples, out_dir, epochs, max_minutes, resume, progress):
+        for name in ("tightness_weight", "pairwise_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"boxsup: {name} must be a number >= 0 (0 = off), got "
+                                 f"{value!r}")
         self._run = {"out_dir": Path(out_dir), "epochs": epochs, "progress": progress}
         return super()._fit(samples, val_samples, out_dir, epochs, max_minutes, resume,
                             progress)

@@ -611,6 +611,13 @@ def test_tightness_loss_wants_an_object_pixel_on_every_line_of_a_box():
     assert float(tightness_loss(logits, torch.zeros_like(codes))) == 0.0
 
 
+@pytest.mark.parametrize("param", ["tightness_weight", "pairwise_weight"])
+def test_negative_loss_weights_are_refused(shapes_root, tmp_path, param):
+    with pytest.raises(ValueError, match=f"{param} must be a number >= 0"):
+        BoxSup(epochs=1, **{param: -0.5}, **TINY).fit(
+            BoxesOnlyDataset(_dataset(shapes_root)), out_dir=tmp_path)
+
+
 def test_short_training_run_with_tightness_prior(shapes_root, tmp_path):
     full = _dataset(shapes_root)
     method = BoxSup(rounds=2, epochs=2, tightness_weight=1.0, tightness_ignore=True,
