@@ -174,9 +174,14 @@ def _start_labels(shape, boxes):
     for (y0, y1, x0, x1, _, ign) in boxes:
         if ign:
             labels[y0:y1, x0:x1] = IGNORE
-    order = sorted((i for i, b in enumerate(boxes) if not b[5]),
-                   key=lambda i: -(boxes[i][1] - boxes[i][0]) * (boxes[i][3] - boxes[i][2]))
-    return labels, choices, order
+    return labels, choices, _paint_order(boxes)
+
+
+def _paint_order(boxes) -> list[int]:
+    """Indices of the non-crowd boxes, largest first: painting in this order leaves a smaller
+    box on top of a larger one it overlaps."""
+    return sorted((i for i, b in enumerate(boxes) if not b[5]),
+                  key=lambda i: -(boxes[i][1] - boxes[i][0]) * (boxes[i][3] - boxes[i][2]))
 
 
 def mine_masks(shape: tuple[int, int], boxes: list[list[int]], candidates: list, *,
@@ -508,9 +513,7 @@ def encode_box_targets(labels: np.ndarray, boxes: list[list[int]]) -> np.ndarray
     if labels.max(initial=0) >= BOX_CODE_BASE:
         raise ValueError("encode_box_targets expects labels below 256")
     codes = np.zeros(labels.shape, np.int64)
-    order = sorted((j for j, b in enumerate(boxes) if not b[5]),
-                   key=lambda j: -(boxes[j][1] - boxes[j][0]) * (boxes[j][3] - boxes[j][2]))
-    for j in order:
+    for j in _paint_order(boxes):
         y0, y1, x0, x1, label, _ = boxes[j]
         codes[y0:y1, x0:x1] = 1 + int(label) + BOX_CODE_BASE * j
     packed = labels.astype(np.int64) + BOX_CODE_BASE * codes
