@@ -11,6 +11,7 @@ import torch
 
 from methods.boxsup import (
     BOX_CODE_BASE,
+    OVERRIDE_MAX_FLIPS,
     BoxSup,
     boxi_mask,
     encode_box_targets,
@@ -219,7 +220,7 @@ def test_short_training_run_mines_masks_better_than_boxes(shapes_root, tmp_path)
     full = _dataset(shapes_root)
     # the BoxSup paper's training (the tightness prior has its own test below)
     method = BoxSup(rounds=2, epochs=2, tightness_weight=0.0, tightness_ignore=False,
-                    pairwise_weight=0.0, **TINY)
+                    pairwise_weight=0.0, network_override=None, **TINY)
     method.fit(BoxesOnlyDataset(full), out_dir=tmp_path)
     for r in (0, 1):
         folder = tmp_path / "mined" / f"round_{r}"
@@ -407,7 +408,9 @@ def test_consensus_selection_keeps_agreement_and_ignores_the_rest():
         mine_masks(shape, [box], cands, selection="consensus", agreement=(0.6, 0.4))
 
 
-def test_consensus_network_fill_decides_only_undecided_pixels():
+def _nested_candidates():
+    """One 20 x 20 box with two nested candidates: the consensus is object in the inner
+    square, background outside the outer one, undecided in between."""
     shape = (20, 20)
     box = [0, 20, 0, 20, 1, 0]
     a = np.zeros((20, 20), bool)
@@ -416,6 +419,11 @@ def test_consensus_network_fill_decides_only_undecided_pixels():
     b[6:14, 6:14] = True
     cands = [_placed(shape, box[:4], [a, b], ["a", "b"])]
     base, _ = mine_masks(shape, [box], cands, selection="consensus")
+    return shape, box, cands, base
+
+
+def test_consensus_network_fill_decides_only_undecided_pixels():
+    shape, box, cands, base = _nested_candidates()
     probs = np.zeros((2, 20, 20), np.float32)
     probs[1, :, :10] = 0.95  # sure of the object on the left half, of background on the right
     probs[0] = 1 - probs[1]
@@ -430,6 +438,34 @@ def test_consensus_network_fill_decides_only_undecided_pixels():
     labels2, _ = mine_masks(shape, [box], cands, probs=probs, selection="consensus",
                             network_fill=0.9)
     np.testing.assert_array_equal(labels2, base)
+
+
+def test_consensus_network_override_flips_only_agreed_pixels_the_network_is_sure_of():
+    shape, box, cands, base = _nested_candidates()
+    agreed = base != IGNORE
+    assert (base[0:12, 0] == 0).all() and (base[6, 6:14] == 1).all()
+    probs = np.full((2, 20, 20), 0.5, np.float32)
+    probs[1, 0:12, 0] = 0.97  # sure of the object on a strip the candidates call background
+    probs[0, 0:12, 0] = 0.03
+    probs[0, 6, 6:14] = 0.97  # sure of background on a row they call object
+    probs[1, 6, 6:14] = 0.03
+    labels, _ = mine_masks(shape, [box], cands, probs=probs, selection="consensus",
+                           network_override=0.95)
+    flipped = np.zeros(shape, bool)
+    flipped[0:12, 0] = flipped[6, 6:14] = True
+    assert (labels[0:12, 0] == 1).all() and (labels[6, 6:14] == 0).all()
+    np.testing.assert_array_equal(labels[~flipped], base[~flipped])  # the rest untouched
+    assert flipped.sum() <= OVERRIDE_MAX_FLIPS * agreed.sum()
+    # below the threshold nothing changes
+    labels2, _ = mine_masks(shape, [box], cands, probs=probs, selection="consensus",
+                            network_override=0.99)
+    np.testing.assert_array_equal(labels2, base)
+    # a network that contradicts most of the agreed pixels is not trusted for the box
+    sure = np.zeros((2, 20, 20), np.float32)
+    sure[1] = 1.0
+    labels3, _ = mine_masks(shape, [box], cands, probs=sure, selection="consensus",
+                            network_override=0.95)
+    np.testing.assert_array_equal(labels3, base)
 
 
 def test_vote_probabilities_follow_the_candidates_votes():
@@ -609,6 +645,25 @@ def test_tightness_loss_wants_an_object_pixel_on_every_line_of_a_box():
     cut[0, 0:12, 0:12] = 2
     assert float(tightness_loss(logits, cut)) == 0.0
     assert float(tightness_loss(logits, torch.zeros_like(codes))) == 0.0
+
+
+def test_tightness_loss_smooth_maximum():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 16, 16)
+    codes = torch.zeros(2, 16, 16, dtype=torch.long)
+    codes[:, 4:12, 3:13] = 1 + 1
+    hard = tightness_loss(logits, codes)
+    # the alpha-softmax tends to the maximum as alpha grows and lies below it (loss above)
+    losses = [float(tightness_loss(logits, codes, alpha=a)) for a in (1.0, 4.0, 8.0, 1e3)]
+    assert losses[0] > losses[1] > losses[2] > float(hard)
+    assert losses[3] == pytest.approx(float(hard), abs=1e-4)
+    # the smooth maximum sends a gradient to every pixel of a line, the hard one to one
+    x = logits.clone().requires_grad_(True)
+    tightness_loss(x, codes, alpha=4.0).backward()
+    assert (x.grad[:, 1, 4:12, 3:13] != 0).all()
+    y = logits.clone().requires_grad_(True)
+    tightness_loss(y, codes).backward()
+    assert (y.grad[:, 1, 4:12, 3:13] != 0).sum() <= 2 * (8 + 10)
 
 
 @pytest.mark.parametrize("param", ["tightness_weight", "pairwise_weight"])
