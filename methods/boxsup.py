@@ -983,6 +983,17 @@ class BoxSup(NetworkMethod):
             if not isinstance(value, int | float) or not value >= 0:
                 raise ValueError(f"boxsup: {name} must be a number >= 0 (0 = off), got "
                                  f"{value!r}")
+        for name, rule in (("tightness_alpha", "a number > 0"),
+                           ("network_fill", "a probability in (0, 1]"),
+                           ("network_override", "a probability in (0, 1]")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            ok = isinstance(value, int | float) and value > 0
+            if ok and name != "tightness_alpha":
+                ok = value <= 1
+            if not ok:
+                raise ValueError(f"boxsup: {name} must be {rule} or None (off), got {value!r}")
         self._run = {"out_dir": Path(out_dir), "epochs": epochs, "progress": progress}
         return super()._fit(samples, val_samples, out_dir, epochs, max_minutes, resume,
                             progress)

@@ -673,6 +673,14 @@ def test_negative_loss_weights_are_refused(shapes_root, tmp_path, param):
             BoxesOnlyDataset(_dataset(shapes_root)), out_dir=tmp_path)
 
 
+@pytest.mark.parametrize("param,value", [("tightness_alpha", 0.0), ("network_fill", 1.5),
+                                         ("network_override", -0.1), ("network_override", "x")])
+def test_out_of_range_options_are_refused(shapes_root, tmp_path, param, value):
+    with pytest.raises(ValueError, match=f"{param} must be"):
+        BoxSup(epochs=1, **{param: value}, **TINY).fit(
+            BoxesOnlyDataset(_dataset(shapes_root)), out_dir=tmp_path)
+
+
 def test_short_training_run_with_tightness_prior(shapes_root, tmp_path):
     full = _dataset(shapes_root)
     method = BoxSup(rounds=2, epochs=2, tightness_weight=1.0, tightness_ignore=True,
