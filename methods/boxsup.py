@@ -981,17 +981,21 @@ class BoxSup(NetworkMethod):
 
     # -- NetworkMethod hooks ------------------------------------------------------------------
     def _fit(self, samples, val_samples, out_dir, epochs, max_minutes, resume, progress):
-        for name in ("tightness_weight", "pairwise_weight"):
+        # (name, accepted range, None allowed, what the error asks for)
+        for name, (low, high), optional, rule in (
+                ("tightness_weight", (0.0, math.inf), False, "a number >= 0 (0 = off)"),
+                ("pairwise_weight", (0.0, math.inf), False, "a number >= 0 (0 = off)"),
+                ("tightness_alpha", (0.0, math.inf), True, "a number > 0 or None (off)"),
+                ("network_fill", (0.0, 1.0), True, "a probability in (0, 1] or None (off)"),
+                ("network_override", (0.0, 1.0), True, "a probability in (0, 1] or None (off)")):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not value >= 0:
-                raise ValueError(f"boxsup: {name} must be a number >= 0 (0 = off), got "
-                                 f"{value!r}")
-        for name, upper, rule in (("tightness_alpha", math.inf, "a number > 0"),
-                                  ("network_fill", 1.0, "a probability in (0, 1]"),
-                                  ("network_override", 1.0, "a probability in (0, 1]")):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int | float) and 0 < value <= upper):
-                raise ValueError(f"boxsup: {name} must be {rule} or None (off), got {value!r}")
+            if value is None and optional:
+                continue
+            # the options that may be None are off with None, so 0 is refused for them
+            in_range = isinstance(value, int | float) and (
+                low < value <= high if optional else low <= value <= high)
+            if not in_range:
+                raise ValueError(f"boxsup: {name} must be {rule}, got {value!r}")
         self._run = {"out_dir": Path(out_dir), "epochs": epochs, "progress": progress}
         return super()._fit(samples, val_samples, out_dir, epochs, max_minutes, resume,
                             progress)
