@@ -227,7 +227,8 @@ def mine_masks(shape: tuple[int, int], boxes: list[list[int]], candidates: list,
     network_override : float, optional
         ``consensus`` with ``probs``: a box pixel the candidates agree on takes the other
         class (object <-> background) where the network's probability of that class is at
-        least ``network_override`` (None = the agreed pixels stay fixed).
+        least ``network_override``, except in a box where that would flip more than
+        ``OVERRIDE_MAX_FLIPS`` of the agreed pixels (None = the agreed pixels stay fixed).
 
     Returns
     -------
