@@ -461,11 +461,45 @@ def test_consensus_network_override_flips_only_agreed_pixels_the_network_is_sure
                             network_override=0.99)
     np.testing.assert_array_equal(labels2, base)
     # a network that contradicts most of the agreed pixels is not trusted for the box
-    sure = np.zeros((2, 20, 20), np.float32)
+    _assert_box_guarded(shape, box, cands, base, network_override=0.95)
+
+
+def _assert_box_guarded(shape, box, cands, base, **options):
+    """A network sure of the object everywhere would flip most agreed pixels of the box:
+    the per-box guard keeps the candidates' labels."""
+    sure = np.zeros((2, *shape), np.float32)
     sure[1] = 1.0
-    labels3, _ = mine_masks(shape, [box], cands, probs=sure, selection="consensus",
-                            network_override=0.95)
+    labels, _ = mine_masks(shape, [box], cands, probs=sure, selection="consensus", **options)
+    np.testing.assert_array_equal(labels, base)
+
+
+def test_consensus_network_ignore_drops_only_disputed_agreed_pixels():
+    shape, box, cands, base = _nested_candidates()
+    probs = np.full((2, 20, 20), 0.5, np.float32)
+    probs[1] = np.where(base == 1, 0.9, 0.1)  # the network agrees with the candidates...
+    probs[1, 0:8, 0] = 0.8  # ...except: in dispute on a background strip,
+    probs[1, 6, 6:10] = 0.3  # in dispute on an object row,
+    probs[1, 19, 0:6] = 0.97  # and sure of the object on a background strip
+    probs[0] = 1 - probs[1]
+    labels, _ = mine_masks(shape, [box], cands, probs=probs, selection="consensus",
+                           network_override=0.95, network_ignore=0.7)
+    assert (labels[0:8, 0] == IGNORE).all() and (labels[6, 6:10] == IGNORE).all()
+    assert (labels[19, 0:6] == 1).all()  # above the override threshold: flipped, not ignored
+    changed = np.zeros(shape, bool)
+    changed[0:8, 0] = changed[6, 6:10] = changed[19, 0:6] = True
+    np.testing.assert_array_equal(labels[~changed], base[~changed])
+    # 18 contradicted pixels, under OVERRIDE_MAX_FLIPS of the 208 agreed ones
+    assert 18 <= OVERRIDE_MAX_FLIPS * np.count_nonzero(base != IGNORE)
+    # without the override the sure strip is ignored too
+    labels2, _ = mine_masks(shape, [box], cands, probs=probs, selection="consensus",
+                            network_ignore=0.7)
+    assert (labels2[19, 0:6] == IGNORE).all()
+    # above every dispute: nothing changes
+    labels3, _ = mine_masks(shape, [box], cands, probs=probs, selection="consensus",
+                            network_ignore=0.99)
     np.testing.assert_array_equal(labels3, base)
+    _assert_box_guarded(shape, box, cands, base, network_override=0.95, network_ignore=0.7)
+    _assert_box_guarded(shape, box, cands, base, network_ignore=0.7)
 
 
 def test_vote_probabilities_follow_the_candidates_votes():
@@ -674,10 +708,27 @@ def test_negative_loss_weights_are_refused(shapes_root, tmp_path, param):
 
 
 @pytest.mark.parametrize("param,value", [("tightness_alpha", 0.0), ("network_fill", 1.5),
-                                         ("network_override", -0.1), ("network_override", "x")])
+                                         ("network_override", -0.1), ("network_override", "x"),
+                                         ("network_ignore", 0.0)])
 def test_out_of_range_options_are_refused(shapes_root, tmp_path, param, value):
     with pytest.raises(ValueError, match=f"{param} must be"):
         BoxSup(epochs=1, **{param: value}, **TINY).fit(
+            BoxesOnlyDataset(_dataset(shapes_root)), out_dir=tmp_path)
+
+
+def test_first_round_epochs_moves_the_remining_point():
+    even = BoxSup(rounds=2)
+    assert [even._round_of(e, 20) for e in range(20)] == [0] * 10 + [1] * 10
+    late = BoxSup(rounds=2, first_round_epochs=14)
+    assert [late._round_of(e, 20) for e in range(20)] == [0] * 14 + [1] * 6
+    three = BoxSup(rounds=3, first_round_epochs=4)
+    assert [three._round_of(e, 10) for e in range(10)] == [0] * 4 + [1] * 3 + [2] * 3
+
+
+@pytest.mark.parametrize("value", [0, 2, 1.5])
+def test_first_round_epochs_out_of_range_is_refused(shapes_root, tmp_path, value):
+    with pytest.raises(ValueError, match="first_round_epochs must be"):
+        BoxSup(epochs=2, rounds=2, first_round_epochs=value, **TINY).fit(
             BoxesOnlyDataset(_dataset(shapes_root)), out_dir=tmp_path)
 
 
