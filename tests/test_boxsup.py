@@ -681,6 +681,22 @@ def test_tightness_loss_wants_an_object_pixel_on_every_line_of_a_box():
     assert float(tightness_loss(logits, torch.zeros_like(codes))) == 0.0
 
 
+def test_tightness_loss_skips_speck_boxes_below_min_side():
+    h, w = 12, 12
+    codes = torch.zeros(1, h, w, dtype=torch.long)
+    codes[0, 3:9, 2:10] = 1 + 1            # a 6 x 8 box of class 1
+    codes[0, 10:11, 4:6] = 1 + 1 + BOX_CODE_BASE  # a 1 x 2 speck, box 1
+    logits = torch.zeros(1, 2, h, w)
+    logits[0, 0] = 5.0
+    logits[0, 1, 3:9, 5] = 10.0   # the big box is satisfied on every line
+    logits[0, 1, 6, 2:10] = 10.0
+    with_speck = tightness_loss(logits, codes)
+    assert with_speck > 0.5  # 3 violated speck lines (~5 each) among 17
+    assert float(tightness_loss(logits, codes, min_side=2)) < 0.01
+    speck_only = torch.where(codes == 1 + 1, 0, codes)
+    assert float(tightness_loss(logits, speck_only, min_side=2)) == 0.0
+
+
 def test_tightness_loss_smooth_maximum():
     torch.manual_seed(0)
     logits = torch.randn(2, 2, 16, 16)
