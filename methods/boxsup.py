@@ -963,6 +963,13 @@ class BoxSup(NetworkMethod):
         if previous is not None and (previous / "choices.json").is_file():
             prev_choices = json.loads((previous / "choices.json").read_text())
         rng = np.random.default_rng([int(self.seed), int(round_index), 0xB0C5])
+        # "crf" recursion relabels the later rounds itself: the vote is not relabelled
+        relabel = {} if self.recursion == "crf" else {
+            "network_fill": self.network_fill, "network_override": self.network_override,
+            "network_ignore": self.network_ignore}
+        # consensus selection uses the probabilities only for a network candidate or relabelling
+        uses_network = (self.selection != "consensus" or self.network_candidate
+                        or any(v is not None for v in relabel.values()))
         all_choices, kinds, fills, ious, changed, n_boxes = {}, {}, [], [], 0, 0
         bar = tqdm(range(len(cache)), desc=f"boxsup: mining round {round_index}",
                    unit="img", disable=not progress, leave=False)
@@ -972,13 +979,6 @@ class BoxSup(NetworkMethod):
             cands = _unpack_candidates(cache.extra_path(i, ".npz"), len(boxes))
             image = cache.image(i)
             probs = None
-            # consensus selection uses the probabilities only for a network candidate,
-            # network_fill or network_override
-            uses_network = (self.selection != "consensus" or self.network_candidate
-                            or (self.recursion == "fill"
-                                and (self.network_fill is not None
-                                     or self.network_override is not None
-                                     or self.network_ignore is not None)))
             if model is not None and uses_network:
                 # no test-time flip here: mining runs over the whole training set each round
                 # (flipping was tried: validation fg IoU 0.826 vs 0.827, session 6)
@@ -997,10 +997,7 @@ class BoxSup(NetworkMethod):
                     tuple(item["shape"]), boxes, cands, probs=probs,
                     cost_weight=self.cost_weight, ignore_top=self.ignore_top,
                     min_fill=self.min_fill, sample_top=self.sample_top, rng=rng,
-                    selection=self.selection, agreement=tuple(self.agreement),
-                    network_fill=None if self.recursion == "crf" else self.network_fill,
-                    network_override=None if self.recursion == "crf" else self.network_override,
-                    network_ignore=None if self.recursion == "crf" else self.network_ignore)
+                    selection=self.selection, agreement=tuple(self.agreement), **relabel)
                 if self.round0_crf and round_index == 0:
                     votes = vote_probabilities(tuple(item["shape"]), boxes, cands,
                                                n_classes=n_classes)

@@ -725,7 +725,7 @@ def test_negative_loss_weights_are_refused(shapes_root, tmp_path, param):
 
 @pytest.mark.parametrize("param,value", [("tightness_alpha", 0.0), ("network_fill", 1.5),
                                          ("network_override", -0.1), ("network_override", "x"),
-                                         ("network_ignore", 0.0)])
+                                         ("network_ignore", 0.0), ("tightness_min_side", 0)])
 def test_out_of_range_options_are_refused(shapes_root, tmp_path, param, value):
     with pytest.raises(ValueError, match=f"{param} must be"):
         BoxSup(epochs=1, **{param: value}, **TINY).fit(
