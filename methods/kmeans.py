@@ -34,6 +34,8 @@ from unsup.clustering import (
     choose_n_clusters,
     fit_kmeans,
     fit_pca,
+    group_distances,
+    merge_centroids,
     pca_transform,
     softmax_scores,
     squared_distances,
@@ -193,6 +195,14 @@ class KMeansSegmentation(SegmentationMethod):
         Cap of the total sample (reservoir), and of the vectors one image is fitted on.
     n_iter, n_init : int
         Lloyd iterations and restarts (best objective kept) of faiss k-means.
+    overcluster : float
+        1 (default): k-means with ``n_clusters`` centroids. Above 1: fit
+        ``round(overcluster * n_clusters)`` centroids and merge them into ``n_clusters``
+        groups by average-linkage clustering of their directions
+        (:func:`unsup.clustering.merge_centroids`); a pixel takes the group of its nearest
+        centroid. Few centroids go to the varied appearance of large regions and leave small
+        things without one; merging similar centroids of a larger set keeps distinct small
+        modes apart.
     temperature : float, optional
         Score sharpness, relative to the mean squared distance to the nearest centroid.
         None (default): 0.5 for ``scope="dataset"`` with ``features="backbone"``, else 1.
@@ -222,6 +232,7 @@ class KMeansSegmentation(SegmentationMethod):
                  max_clusters: int = 10, samples_per_image: int = 2000,
                  sampling: str = "uniform", sampling_clusters: int = 16,
                  max_samples: int = 200_000, n_iter: int = 30, n_init: int = 3,
+                 overcluster: float = 1.0,
                  temperature: float | None = None, cache_dir: str | None = None, seed: int = 0):
         self.scope = scope
         self.n_clusters = n_clusters
@@ -246,6 +257,7 @@ class KMeansSegmentation(SegmentationMethod):
         self.max_samples = max_samples
         self.n_iter = n_iter
         self.n_init = n_init
+        self.overcluster = overcluster
         self.temperature = temperature
         self.cache_dir = cache_dir
         self.seed = seed
@@ -285,6 +297,9 @@ class KMeansSegmentation(SegmentationMethod):
                              "components)")
         if float(self.color_weight) < 0 or float(self.position_weight) < 0:
             raise ValueError("color_weight and position_weight must be >= 0")
+        if not float(self.overcluster) >= 1:
+            raise ValueError(f"overcluster must be >= 1 (a multiple of n_clusters), got "
+                             f"{self.overcluster}")
         if self.temperature is not None and not float(self.temperature) > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
@@ -477,16 +492,32 @@ class KMeansSegmentation(SegmentationMethod):
             data = self._project(data, None, None)
         k, info = self._k_for(data, f"the {data.shape[0]} vectors sampled from "
                                     f"{n_images} image(s)")
-        centroids = fit_kmeans(data, k, n_iter=int(self.n_iter), n_init=int(self.n_init),
-                               seed=int(self.seed))
+        centroids, groups = self._fit_centroids(data, k, f"the {data.shape[0]} vectors sampled "
+                                                         f"from {n_images} image(s)")
         self.centroids_ = centroids
+        self.groups_ = groups
         self.pca_mean_ = mean
         self.pca_components_ = components
         self.scale_ = float(max(squared_distances(data, centroids).min(axis=1).mean(), 1e-12))
         self.n_features_in_ = int(data.shape[1])
         self.fit_info_ = {"n_images": n_images, "n_samples": int(data.shape[0]),
                           "n_clusters": k, **info}
+        if centroids.shape[0] > k:
+            self.fit_info_["n_centroids"] = int(centroids.shape[0])
         return self
+
+    def _fit_centroids(self, rows: np.ndarray, k: int, what: str):
+        """Centroids and their group (cluster id) each: k centroids in k groups, or
+        ``round(overcluster * k)`` centroids merged into k groups."""
+        n_fit = max(k, int(round(float(self.overcluster) * k)))
+        if n_fit > rows.shape[0]:
+            raise ClusteringError(f"overcluster={self.overcluster} asks for {n_fit} centroids, "
+                                  f"more than the {rows.shape[0]} feature vectors of {what}; "
+                                  "lower overcluster")
+        centroids = fit_kmeans(rows, n_fit, n_iter=int(self.n_iter), n_init=int(self.n_init),
+                               seed=int(self.seed))
+        groups = merge_centroids(centroids, k) if n_fit > k else np.arange(k, dtype=np.int64)
+        return centroids, groups
 
     # -- prediction -------------------------------------------------------------------------
     def predict(self, image) -> Segmentation:
@@ -506,7 +537,7 @@ class KMeansSegmentation(SegmentationMethod):
             if rows.shape[1] != self.centroids_.shape[1]:
                 raise ValueError(f"features have width {rows.shape[1]} but the centroids "
                                  f"{self.centroids_.shape[1]}: parameters changed after fit?")
-            centroids, scale = self.centroids_, self.scale_
+            centroids, groups, scale = self.centroids_, self.groups_, self.scale_
         else:
             rng = np.random.default_rng(int(self.seed))
             fit_rows = rows
@@ -522,11 +553,13 @@ class KMeansSegmentation(SegmentationMethod):
             h, w = image.shape[:2]
             k, extra = self._k_for(fit_rows, f"this {w}x{h} image")
             info.update(extra)
-            centroids = fit_kmeans(fit_rows, k, n_iter=int(self.n_iter),
-                                   n_init=int(self.n_init), seed=int(self.seed))
+            centroids, groups = self._fit_centroids(fit_rows, k, f"this {w}x{h} image")
             scale = float(max(squared_distances(fit_rows, centroids).min(axis=1).mean(), 1e-12))
-        info["n_clusters"] = int(centroids.shape[0])
+        info["n_clusters"] = int(groups.max()) + 1
         d2 = squared_distances(rows, centroids)
+        if centroids.shape[0] > info["n_clusters"]:
+            info["n_centroids"] = int(centroids.shape[0])
+            d2 = group_distances(d2, groups)
         return self._paint(d2, scale, r, info)
 
     def _paint(self, d2: np.ndarray, scale: float, r: _Rows, info: dict) -> Segmentation:
@@ -550,7 +583,7 @@ class KMeansSegmentation(SegmentationMethod):
             return {}
         return {"centroids_": self.centroids_, "pca_mean_": self.pca_mean_,
                 "pca_components_": self.pca_components_,
-                "scale_": np.asarray(self.scale_, dtype=np.float64)}
+                "scale_": np.asarray(self.scale_, dtype=np.float64), "groups_": self.groups_}
 
     def _set_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         missing = {"centroids_", "pca_mean_", "pca_components_", "scale_"} - set(arrays)
@@ -560,4 +593,7 @@ class KMeansSegmentation(SegmentationMethod):
         self.pca_mean_ = np.asarray(arrays["pca_mean_"], dtype=np.float32)
         self.pca_components_ = np.asarray(arrays["pca_components_"], dtype=np.float32)
         self.scale_ = float(arrays["scale_"])
+        # models saved before over-clustering existed: one group per centroid
+        self.groups_ = (np.asarray(arrays["groups_"], dtype=np.int64) if "groups_" in arrays
+                        else np.arange(self.centroids_.shape[0], dtype=np.int64))
         self.n_features_in_ = int(self.centroids_.shape[1])

@@ -100,7 +100,7 @@ def main(argv=None) -> None:
                     else np.ones(gt.shape, bool)
                 if n_classes is None:
                     n_classes = int(args.ignore_index) if args.ignore_index else int(gt.max()) + 1
-                k = method.centroids_.shape[0]
+                k = int(method.groups_.max()) + 1
                 if confusion is None:
                     confusion = np.zeros((n_classes, k), np.int64)
                 np.add.at(confusion, (gt[valid], labels[valid]), 1)

@@ -16,6 +16,8 @@ from unsup.clustering import (  # noqa: E402
     choose_n_clusters,
     fit_kmeans,
     fit_pca,
+    group_distances,
+    merge_centroids,
     pca_transform,
     softmax_scores,
     squared_distances,
@@ -46,6 +48,36 @@ def test_fit_kmeans_recovers_blobs_and_is_deterministic():
     np.testing.assert_array_equal(labels, squared_distances(x, c1).argmin(axis=1))
     found = sorted(map(tuple, np.round(c1).astype(int)))
     assert found == [(0, 0), (0, 10), (10, 0)]
+
+
+def test_merge_centroids_groups_by_direction_not_length():
+    rng = np.random.default_rng(0)
+    directions = np.eye(3, 8, dtype=np.float32)
+    # 4 centroids along each of 3 directions, with very different lengths, interleaved
+    bundle = np.tile(np.arange(3), 4)
+    lengths = rng.uniform(0.2, 3.0, size=bundle.size).astype(np.float32)
+    centroids = directions[bundle] * lengths[:, None] \
+        + rng.normal(0, 0.02, (bundle.size, 8)).astype(np.float32)
+    before = centroids.copy()
+    groups = merge_centroids(centroids, 3)
+    np.testing.assert_array_equal(centroids, before)
+    # the groups are the bundles, numbered by first occurrence (bundle ids happen to be too)
+    np.testing.assert_array_equal(groups, bundle)
+    np.testing.assert_array_equal(merge_centroids(centroids, 12), np.arange(12))
+    np.testing.assert_array_equal(merge_centroids(centroids, 1), np.zeros(12))
+    with pytest.raises(ClusteringError, match="cannot merge 12 centroids into 13"):
+        merge_centroids(centroids, 13)
+
+
+def test_group_distances_is_the_nearest_member():
+    rng = np.random.default_rng(1)
+    d2 = rng.uniform(0, 5, size=(50, 7)).astype(np.float32)
+    groups = np.array([0, 1, 0, 2, 1, 1, 2])
+    out = group_distances(d2, groups)
+    expected = np.stack([d2[:, groups == g].min(axis=1) for g in range(3)], axis=1)
+    np.testing.assert_array_equal(out, expected)
+    with pytest.raises(ClusteringError, match="groups has shape"):
+        group_distances(d2, groups[:-1])
 
 
 def test_fit_kmeans_errors():
@@ -211,6 +243,29 @@ def test_save_load_roundtrip_gives_identical_labels(tmp_path):
         a, b = method.predict(image), loaded.predict(image)
         np.testing.assert_array_equal(a.labels, b.labels)
         np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_overcluster_merges_to_n_clusters_and_reloads(tmp_path):
+    data = _consistent_dataset(3, (40, 48))
+    method = create_method("kmeans", scope="dataset", n_clusters=4, features="color",
+                           overcluster=3, samples_per_image=300, seed=2)
+    method.fit(image for image, _ in data)
+    assert method.centroids_.shape[0] == 12 and method.fit_info_["n_centroids"] == 12
+    assert sorted(set(method.groups_.tolist())) == [0, 1, 2, 3]
+    method.save(tmp_path / "model")
+    loaded = load_method(tmp_path / "model")
+    for image, truth in data:
+        seg = method.predict(image)
+        assert seg.scores.shape == (4,) + truth.shape and seg.labels.max() < 4
+        np.testing.assert_allclose(seg.scores.sum(axis=0), 1.0, atol=1e-5)
+        assert seg.info["n_clusters"] == 4 and seg.info["n_centroids"] == 12
+        assert adjusted_rand_score(truth.ravel(), seg.labels.ravel()) > 0.85
+        np.testing.assert_array_equal(loaded.predict(image).labels, seg.labels)
+    with pytest.raises(ValueError, match="overcluster must be >= 1"):
+        create_method("kmeans", scope="dataset", n_clusters=4, overcluster=0.5).fit([])
+    with pytest.raises(ClusteringError, match="asks for 40 centroids, more than the 20"):
+        create_method("kmeans", scope="dataset", n_clusters=4, overcluster=10, features="color",
+                      samples_per_image=10).fit(image for image, _ in data[:2])
 
 
 def test_dataset_level_errors():

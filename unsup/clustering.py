@@ -63,6 +63,8 @@ __all__ = [
     "assign",
     "squared_distances",
     "softmax_scores",
+    "merge_centroids",
+    "group_distances",
     "fit_pca",
     "pca_transform",
     "choose_n_clusters",
@@ -190,6 +192,64 @@ def assign(x, centroids) -> np.ndarray:
     with _faiss_threads(float(x.shape[0]) * c.shape[0] * c.shape[1]):
         _, nearest = index.search(x, 1)
     return nearest[:, 0].astype(np.int64)
+
+
+def merge_centroids(centroids, n_clusters: int) -> np.ndarray:
+    """Group centroids into ``n_clusters`` groups by average-linkage clustering of their directions.
+
+    Over-clustering then merging: k-means with few clusters spends several centroids on the
+    appearance modes of large, varied regions (kinds of road, sky, building) and none on
+    small ones; fitting more centroids and merging the ones that point the same way (cosine
+    distance, average linkage: scikit-learn ``AgglomerativeClustering``) keeps distinct small
+    modes apart. Cosine rather than Euclidean distance because a centroid's length only says
+    how spread out its cluster is (docs/benchmarks/kmeans.md, session 8).
+
+    Parameters
+    ----------
+    centroids : array, shape (k, d)
+    n_clusters : int
+        Number of groups, ``1 <= n_clusters <= k``.
+
+    Returns
+    -------
+    groups : ndarray of int64, shape (k,)
+        Group of each centroid, numbered by first occurrence (group 0 holds centroid 0).
+    """
+    from sklearn.cluster import AgglomerativeClustering
+
+    c = _as_points(centroids, "centroids")
+    k = int(n_clusters)
+    if not 1 <= k <= c.shape[0]:
+        raise ClusteringError(f"cannot merge {c.shape[0]} centroids into {k} groups: need "
+                              f"1 <= n_clusters <= {c.shape[0]}")
+    if k == c.shape[0]:
+        return np.arange(k, dtype=np.int64)
+    if k == 1:
+        return np.zeros(c.shape[0], np.int64)
+    raw = AgglomerativeClustering(n_clusters=k, linkage="average",
+                                  metric="cosine").fit_predict(c.astype(np.float64))
+    _, first = np.unique(raw, return_index=True)
+    order = np.argsort(first)  # raw ids in order of first occurrence
+    renumber = np.empty(k, np.int64)
+    renumber[order] = np.arange(k)
+    return renumber[raw]
+
+
+def group_distances(sq_distances, groups) -> np.ndarray:
+    """Squared distance (n, g) of each point to the nearest centroid of every group.
+
+    ``sq_distances`` is (n, k) to the k centroids; ``groups`` (k,) maps each centroid to one of
+    ``g = groups.max() + 1`` groups (as from :func:`merge_centroids`).
+    """
+    d2 = np.asarray(sq_distances, dtype=np.float32)
+    groups = np.asarray(groups, dtype=np.int64)
+    if groups.shape != (d2.shape[-1],):
+        raise ClusteringError(f"groups has shape {groups.shape}, expected ({d2.shape[-1]},)")
+    n_groups = int(groups.max()) + 1
+    out = np.empty(d2.shape[:-1] + (n_groups,), np.float32)
+    for g in range(n_groups):
+        out[..., g] = d2[..., groups == g].min(axis=-1)
+    return out
 
 
 def softmax_scores(sq_distances, temperature: float, *, axis: int = -1) -> np.ndarray:
