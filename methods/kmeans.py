@@ -490,10 +490,9 @@ class KMeansSegmentation(SegmentationMethod):
             mean = np.zeros(0, np.float32)
             components = np.zeros((0, data.shape[1]), np.float32)
             data = self._project(data, None, None)
-        k, info = self._k_for(data, f"the {data.shape[0]} vectors sampled from "
-                                    f"{n_images} image(s)")
-        centroids, groups = self._fit_centroids(data, k, f"the {data.shape[0]} vectors sampled "
-                                                         f"from {n_images} image(s)")
+        what = f"the {data.shape[0]} vectors sampled from {n_images} image(s)"
+        k, info = self._k_for(data, what)
+        centroids, groups = self._fit_centroids(data, k, what)
         self.centroids_ = centroids
         self.groups_ = groups
         self.pca_mean_ = mean
@@ -551,9 +550,10 @@ class KMeansSegmentation(SegmentationMethod):
             rows = self._project(rows, mean, components)
             fit_rows = self._project(fit_rows, mean, components)
             h, w = image.shape[:2]
-            k, extra = self._k_for(fit_rows, f"this {w}x{h} image")
+            what = f"this {w}x{h} image"
+            k, extra = self._k_for(fit_rows, what)
             info.update(extra)
-            centroids, groups = self._fit_centroids(fit_rows, k, f"this {w}x{h} image")
+            centroids, groups = self._fit_centroids(fit_rows, k, what)
             scale = float(max(squared_distances(fit_rows, centroids).min(axis=1).mean(), 1e-12))
         info["n_clusters"] = int(groups.max()) + 1
         d2 = squared_distances(rows, centroids)
