@@ -268,6 +268,21 @@ def test_overcluster_merges_to_n_clusters_and_reloads(tmp_path):
                       samples_per_image=10).fit(image for image, _ in data[:2])
 
 
+def test_model_saved_before_overclustering_still_loads(tmp_path):
+    data = _consistent_dataset(2, (32, 40))
+    method = create_method("kmeans", scope="dataset", n_clusters=3, features="color",
+                           samples_per_image=200).fit(image for image, _ in data)
+    method.save(tmp_path / "model")
+    arrays_file = tmp_path / "model" / "arrays.npz"
+    with np.load(arrays_file) as saved:
+        old_state = {k: saved[k] for k in saved.files if k != "groups_"}
+    np.savez(arrays_file, **old_state)  # the file as written before `groups_` existed
+    loaded = load_method(tmp_path / "model")
+    np.testing.assert_array_equal(loaded.groups_, np.arange(3))
+    np.testing.assert_array_equal(loaded.predict(data[0][0]).labels,
+                                  method.predict(data[0][0]).labels)
+
+
 def test_dataset_level_errors():
     data = _consistent_dataset(2, (24, 24))
     method = create_method("kmeans", scope="dataset", n_clusters=30, samples_per_image=5,
