@@ -65,6 +65,7 @@ __all__ = [
     "softmax_scores",
     "merge_centroids",
     "group_distances",
+    "first_occurrence_order",
     "fit_pca",
     "pca_transform",
     "choose_n_clusters",
@@ -228,11 +229,24 @@ def merge_centroids(centroids, n_clusters: int) -> np.ndarray:
         return np.zeros(c.shape[0], np.int64)
     raw = AgglomerativeClustering(n_clusters=k, linkage="average",
                                   metric="cosine").fit_predict(c.astype(np.float64))
-    _, first = np.unique(raw, return_index=True)
-    order = np.argsort(first)  # raw ids in order of first occurrence
-    renumber = np.empty(k, np.int64)
-    renumber[order] = np.arange(k)
-    return renumber[raw]
+    return first_occurrence_order(raw)
+
+
+def first_occurrence_order(labels) -> np.ndarray:
+    """Labels renumbered ``0..`` in order of their first occurrence (deterministic ids).
+
+    Parameters
+    ----------
+    labels : array of int, shape (n,)
+
+    Returns
+    -------
+    ndarray of int64, shape (n,)
+    """
+    _, first, inverse = np.unique(np.asarray(labels), return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.ravel()]
 
 
 def group_distances(sq_distances, groups) -> np.ndarray:

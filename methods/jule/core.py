@@ -56,6 +56,8 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
+from unsup.clustering import first_occurrence_order
+
 __all__ = [
     "Dendrogram",
     "JuleResult",
@@ -196,15 +198,7 @@ def initial_clusters(features: np.ndarray, *, connectivity: np.ndarray | None = 
         rows, cols = both[first, 0], both[first, 1]
     g = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     _, labels = connected_components(g, directed=True, connection="weak")
-    return _first_occurrence_order(labels)
-
-
-def _first_occurrence_order(labels: np.ndarray) -> np.ndarray:
-    """Renumber labels 0.. in order of their first sample (deterministic ids)."""
-    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-    return rank[inverse]
+    return first_occurrence_order(labels)
 
 
 # ------------------------------------------------------------------------------------------
@@ -268,7 +262,7 @@ class Dendrogram:
         renumbered ``0..k-1`` in order of first sample."""
         c0 = self.n_initial
         n_steps = min(self.n_merges, max(0, c0 - int(n_clusters)))
-        return _first_occurrence_order(self.labels_after(n_steps))
+        return first_occurrence_order(self.labels_after(n_steps))
 
     def labels_after(self, n_steps: int) -> np.ndarray:
         """Dendrogram cluster id of every sample after the first ``n_steps`` merges."""
@@ -927,7 +921,7 @@ def run_jule(representation: Representation, *, n_clusters: int, unroll_rate: fl
                         merges=np.asarray(merges, np.int64).reshape(-1, 2),
                         affinity=np.asarray(affinities, np.float64),
                         period=np.asarray(periods, np.int64))
-    out_labels = _first_occurrence_order(final_labels)
+    out_labels = first_occurrence_order(final_labels)
     history.append({"merges_to_n_clusters": n_learned, "merges_total": len(merges),
                     "rerun": bool(rerun and learned_any)})
     return JuleResult(labels=out_labels, dendrogram=dendro, embeddings=emb, history=history)
