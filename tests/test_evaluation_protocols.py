@@ -47,6 +47,9 @@ def test_matched_by_hand():
 def test_matched_splits_disconnected_clusters():
     pred = np.array([[0, 1, 0]])
     np.testing.assert_array_equal(connected_segments(pred), [[0, 1, 2]])
+    # any integer ids, negative ones included, numbered by first pixel in scan order
+    np.testing.assert_array_equal(connected_segments(np.array([[-1, 5], [5, -1]])), [[0, 1], [2, 3]])
+    np.testing.assert_array_equal(connected_segments(np.array([[7, 7], [-3, 7]])), [[0, 0], [1, 0]])
     # cluster 0 appears twice: as two segments it cannot cover both ground-truth pieces' union
     gt = np.array([[1, 2, 2]])
     s = matched_scores(pred, [gt])

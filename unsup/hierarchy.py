@@ -98,6 +98,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from unsup.base import Segmentation
+from unsup.clustering import first_occurrence_order
 
 __all__ = [
     "UCM_MAX",
@@ -119,15 +120,24 @@ STRENGTHS = ("auto", "scores", "gradient", "combined")
 
 
 def region_leaves(labels: np.ndarray) -> np.ndarray:
-    """4-connected components of a label map, numbered ``0..n-1`` in scan order (int32)."""
+    """4-connected components of a label map, numbered ``0..n-1`` in scan order (int32).
+
+    A label id that occurs in two separate places gives two components. Any integer values
+    (negative ones included) are allowed. The one connected-components routine of the lab:
+    the ``matched`` protocol splits predictions and ground truth with it too.
+    """
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be a 2-D (H, W) array, got shape {labels.shape}")
+    if labels.size == 0:
+        return np.zeros(labels.shape, np.int32)
     from skimage.measure import label as sk_label
 
-    # background=-1: every value (including 0) is a region
-    leaves = sk_label(labels.astype(np.int64, copy=False), background=-1, connectivity=1)
-    return (leaves - 1).astype(np.int32)
+    # skimage joins equal neighbours except the background value, so pick one that never occurs
+    values = labels.astype(np.int64, copy=False)
+    components = sk_label(values, background=int(values.min()) - 1, connectivity=1)
+    # renumber by first pixel, so ids do not depend on skimage's own numbering
+    return first_occurrence_order(components.ravel()).reshape(labels.shape).astype(np.int32)
 
 
 def _adjacent_pairs(leaves: np.ndarray):
@@ -422,10 +432,7 @@ def _recover_leaves(boundary: np.ndarray) -> np.ndarray:
         _, (iy, ix) = ndimage.distance_transform_edt(unresolved, return_indices=True)
         leaves[unresolved] = leaves[iy[unresolved], ix[unresolved]]
     # renumber in scan order of first pixel so ids do not depend on the rule above
-    _, first = np.unique(leaves.ravel(), return_index=True)
-    rank = np.empty(first.size, np.int32)
-    rank[np.argsort(first, kind="stable")] = np.arange(first.size, dtype=np.int32)
-    return rank[leaves]
+    return first_occurrence_order(leaves.ravel()).reshape(leaves.shape).astype(np.int32)
 
 
 def cut_ultrametric_map(ucm: np.ndarray, threshold: float | Sequence[float]):

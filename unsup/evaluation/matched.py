@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from skimage import measure
+
+from unsup.hierarchy import region_leaves
 
 __all__ = ["connected_segments", "segment_iou", "matched_scores", "summarize_matched",
            "AP_THRESHOLDS"]
@@ -35,21 +36,11 @@ AP_THRESHOLDS = (0.5, 0.7)
 
 
 def connected_segments(labels: np.ndarray) -> np.ndarray:
-    """Split every label into its 4-connected components; ids ``0..n-1`` in scan order."""
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
-    if labels.size == 0:
-        return np.zeros(labels.shape, np.int64)
-    # skimage labels connected regions of equal value; the background value must not occur
-    background = int(labels.min()) - 1
-    segments = measure.label(labels.astype(np.int64), background=background, connectivity=1)
-    segments = segments.astype(np.int64) - 1
-    # renumber in scan order of each segment's first pixel (independent of skimage's order)
-    _, first = np.unique(segments.ravel(), return_index=True)
-    rank = np.empty(first.size, np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
-    return rank[segments]
+    """Split every label into its 4-connected components; ids ``0..n-1`` in scan order.
+
+    The lab's one definition, :func:`unsup.hierarchy.region_leaves`.
+    """
+    return region_leaves(labels)
 
 
 def segment_iou(segments: np.ndarray, gt: np.ndarray, valid: np.ndarray | None = None):
