@@ -770,6 +770,11 @@ class BoxSup(NetworkMethod):
         the Weizmann Horse validation split 0.7 raised the round-1 masks' foreground IoU
         from 0.912 to 0.929 (seed 0) but not the network's (0.8278 -> 0.8280, 3 seeds; test
         ratio 0.964 -> 0.962, 5 seeds); docs/benchmarks/boxsup.md, session 7.
+    mining_ema : float, optional
+        Re-mine with an exponential moving average of the network's weights (this decay per
+        training step, warmed up as ``min(decay, (1 + t) / (10 + t))``) instead of the
+        current weights: a smoother teacher, as in BoxTeacher (Cheng et al. 2023). None (the
+        default) = the current weights. The trained model is always the network itself.
     recursion : {"fill", "crf"}
         How rounds after the first relabel the boxes. ``fill``: the candidates' vote stays
         and ``network_fill`` decides its undecided pixels. ``crf`` ("Simple Does It"
@@ -845,6 +850,7 @@ class BoxSup(NetworkMethod):
                  tightness_ignore: bool = True, tightness_min_side: int = 4,
                  network_override: float | None = 0.9,
                  network_ignore: float | None = None,
+                 mining_ema: float | None = None,
                  pairwise_weight: float = 0.0,
                  select_best: bool = False,
                  decoder: str = "unet",
@@ -870,6 +876,7 @@ class BoxSup(NetworkMethod):
         self.network_fill = network_fill
         self.network_override = network_override
         self.network_ignore = network_ignore
+        self.mining_ema = mining_ema
         self.recursion = recursion
         self.round0_crf = round0_crf
         self.mining_crf = mining_crf
@@ -1040,14 +1047,15 @@ class BoxSup(NetworkMethod):
                 ("tightness_min_side", (1, math.inf), False, "a number of pixels >= 1"),
                 ("network_fill", (0.0, 1.0), True, "a probability in (0, 1] or None (off)"),
                 ("network_override", (0.0, 1.0), True, "a probability in (0, 1] or None (off)"),
-                ("network_ignore", (0.0, 1.0), True, "a probability in (0, 1] or None (off)")):
+                ("network_ignore", (0.0, 1.0), True, "a probability in (0, 1] or None (off)"),
+                ("mining_ema", (0.0, 1.0), True, "a decay in (0, 1) or None (off)")):
             value = getattr(self, name)
             if value is None and optional:
                 continue
             # the options that may be None are off with None, so 0 is refused for them
             in_range = isinstance(value, int | float) and (
                 low < value <= high if optional else low <= value <= high)
-            if not in_range:
+            if not in_range or (name == "mining_ema" and value >= 1):
                 raise ValueError(f"boxsup: {name} must be {rule}, got {value!r}")
         first = self.first_round_epochs
         if first is not None and int(self.rounds) > 1 and not (
@@ -1087,7 +1095,7 @@ class BoxSup(NetworkMethod):
             if not (self.mined_dir(out_dir, round_index) / "summary.json").is_file():
                 # a resumed run (or one whose epochs changed) reaches a round that was not
                 # mined at the end of the previous epoch: mine it now, from the same weights
-                self._mine(cache, out_dir, round_index, model=state["task"].model,
+                self._mine(cache, out_dir, round_index, model=state["task"].mining_model,
                            progress=state["progress"])
             state["round"] = round_index
             return make_batches(epoch, start=start)
@@ -1103,6 +1111,45 @@ class BoxSup(NetworkMethod):
 
         class BoxSupTask(SegmentationTask):
             mined_stats: dict = {}
+            teacher = None  # the weight average that re-mines (mining_ema)
+            ema_steps = 0
+
+            @property
+            def mining_model(self):
+                return self.model if self.teacher is None else self.teacher
+
+            def train_step(self, batch) -> dict[str, float]:
+                out = super().train_step(batch)
+                if self.teacher is not None:
+                    self._update_teacher()
+                return out
+
+            def _update_teacher(self) -> None:
+                import torch
+
+                t = self.ema_steps
+                decay = min(float(method.mining_ema), (1.0 + t) / (10.0 + t))
+                with torch.no_grad():
+                    for avg, now in zip(self.teacher.state_dict().values(),
+                                        self.model.state_dict().values(), strict=True):
+                        if avg.dtype.is_floating_point:
+                            avg.mul_(decay).add_(now.detach(), alpha=1.0 - decay)
+                        else:  # e.g. batch-norm step counters
+                            avg.copy_(now)
+                self.ema_steps = t + 1
+
+            def state_dict(self) -> dict:
+                state = super().state_dict()
+                if self.teacher is not None:
+                    state["teacher"] = self.teacher.state_dict()
+                    state["teacher_steps"] = self.ema_steps
+                return state
+
+            def load_state_dict(self, state: dict) -> None:
+                super().load_state_dict(state)
+                if self.teacher is not None and "teacher" in state:
+                    self.teacher.load_state_dict(state["teacher"])
+                    self.ema_steps = int(state["teacher_steps"])
 
             def compute_loss(self, logits, targets, *, images=None):
                 if not method._packs_boxes():
@@ -1123,7 +1170,8 @@ class BoxSup(NetworkMethod):
             def end_epoch(self, epoch: int) -> None:
                 next_round = method._round_of(epoch + 1, epochs)
                 if epoch + 1 < epochs and next_round > method._round_of(epoch, epochs):
-                    summary = method._mine(cache, out_dir, next_round, model=self.model,
+                    summary = method._mine(cache, out_dir, next_round,
+                                           model=self.mining_model,
                                            progress=method._run["progress"])
                     self.mined_stats = {"mined_changed": float(summary["changed_fraction"]
                                                                or 0.0),
@@ -1142,6 +1190,12 @@ class BoxSup(NetworkMethod):
                           dice_weight=self.dice_weight,
                           validator=self._validator(val_cache, n_classes),
                           device=self._device())
+        if self.mining_ema is not None:
+            import copy
+
+            task.teacher = copy.deepcopy(task.model).eval()
+            for parameter in task.teacher.parameters():
+                parameter.requires_grad_(False)
         self._run["task"] = task
         return task
 

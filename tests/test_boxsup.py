@@ -248,14 +248,24 @@ def test_short_training_run_mines_masks_better_than_boxes(shapes_root, tmp_path)
                                atol=1e-6)
 
 
-def test_resume_continues_the_same_run(shapes_root, tmp_path):
+@pytest.mark.parametrize("mining_ema", [None, 0.9])
+def test_resume_continues_the_same_run(shapes_root, tmp_path, mining_ema):
     ds = BoxesOnlyDataset(_dataset(shapes_root))
-    a = BoxSup(rounds=2, epochs=2, **TINY).fit(ds, out_dir=tmp_path / "a")
-    b = BoxSup(rounds=2, epochs=2, **TINY)
+    opts = dict(rounds=2, epochs=2, mining_ema=mining_ema, **TINY)
+    a = BoxSup(**opts).fit(ds, out_dir=tmp_path / "a")
+    b = BoxSup(**opts)
     b.fit(ds, out_dir=tmp_path / "b", max_minutes=0.001)  # stops after its first step
     hb = json.loads((tmp_path / "b" / "history.json").read_text())
     assert hb["stopped"] == "time_budget" and len(hb["epochs"]) < 2
-    b2 = BoxSup(rounds=2, epochs=2, **TINY).fit(ds, out_dir=tmp_path / "b", resume=True)
+    b2 = BoxSup(**opts).fit(ds, out_dir=tmp_path / "b", resume=True)
+    if mining_ema is not None:  # the teacher was checkpointed and restored too
+        for (name, pa), (_, pb) in zip(a._run["task"].teacher.state_dict().items(),
+                                       b2._run["task"].teacher.state_dict().items(), strict=True):
+            assert torch.equal(pa, pb), name
+    for sample_id in ds.ids:  # so the round-1 masks come from the same weights
+        np.testing.assert_array_equal(
+            read_label_map(tmp_path / "a" / "mined" / "round_1" / "labels" / f"{sample_id}.png"),
+            read_label_map(tmp_path / "b" / "mined" / "round_1" / "labels" / f"{sample_id}.png"))
     for (name, pa), (_, pb) in zip(a.network_.state_dict().items(),
                                    b2.network_.state_dict().items(), strict=True):
         assert torch.equal(pa, pb), name
@@ -725,11 +735,42 @@ def test_negative_loss_weights_are_refused(shapes_root, tmp_path, param):
 
 @pytest.mark.parametrize("param,value", [("tightness_alpha", 0.0), ("network_fill", 1.5),
                                          ("network_override", -0.1), ("network_override", "x"),
-                                         ("network_ignore", 0.0), ("tightness_min_side", 0)])
+                                         ("network_ignore", 0.0), ("tightness_min_side", 0),
+                                         ("mining_ema", 1.0), ("mining_ema", 0.0)])
 def test_out_of_range_options_are_refused(shapes_root, tmp_path, param, value):
     with pytest.raises(ValueError, match=f"{param} must be"):
         BoxSup(epochs=1, **{param: value}, **TINY).fit(
             BoxesOnlyDataset(_dataset(shapes_root)), out_dir=tmp_path)
+
+
+def test_mining_teacher_is_the_moving_average_of_the_weights():
+    from types import SimpleNamespace
+
+    method = BoxSup(mining_ema=0.5, **TINY)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.BatchNorm2d(2))
+    cache = SimpleNamespace(items=[{"boxes": [[0, 0, 2, 2, 1, 0]]}])
+    method._run = {"progress": False}
+    task = method._make_task(net, cache=cache, val_cache=None, n_classes=2, total_steps=10,
+                             out_dir=None, epochs=2)
+    assert task.mining_model is task.teacher and task.teacher is not task.model
+    start = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+    with torch.no_grad():
+        for v in task.model.parameters():
+            v.add_(1.0)
+    task._update_teacher()  # t = 0: decay min(0.5, 1 / 10) = 0.1
+    task._update_teacher()  # t = 1: decay min(0.5, 2 / 11)
+    now = task.model.state_dict()
+    d1, d2 = 0.1, 2 / 11
+    for key, value in task.teacher.state_dict().items():
+        if value.dtype.is_floating_point:
+            first = d1 * start[key] + (1 - d1) * now[key]
+            torch.testing.assert_close(value, d2 * first + (1 - d2) * now[key])
+    assert not any(p.requires_grad for p in task.teacher.parameters())
+    plain = BoxSup(**TINY)
+    plain._run = {"progress": False}
+    task = plain._make_task(net, cache=cache, val_cache=None, n_classes=2, total_steps=10,
+                            out_dir=None, epochs=2)
+    assert task.teacher is None and task.mining_model is task.model
 
 
 def test_first_round_epochs_moves_the_remining_point():
