@@ -156,6 +156,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     defaults = {"decoder": "unet", "max_side": 224, "crop_size": 160, "batch_size": 8,
                 "freeze_blocks": 4, "boxsup.rounds": 3}
+    methods = args.methods.split(",")
+    # a default scoped to a method that is not compared would be refused by compare()
+    defaults = {k: v for k, v in defaults.items() if "." not in k or k.split(".")[0] in methods}
     params = {**defaults, **parse_key_values(args.param, option="--param")}
     args.out.mkdir(parents=True, exist_ok=True)
     classes = None
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
         classes = [c.strip() for c in (args.classes or "").split(",") if c.strip()] or None
     load_before = os.getloadavg()
     t0 = time.monotonic()
-    result = compare(train_spec, test_spec, args.methods.split(","), args.out,
+    result = compare(train_spec, test_spec, methods, args.out,
                      epochs=args.epochs, max_minutes=args.max_minutes, params=params,
                      seed=args.seed, crf=args.crf, classes=classes,
                      progress=not args.no_progress)
