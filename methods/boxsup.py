@@ -325,53 +325,6 @@ def consensus_patch(candidates, *, agreement: tuple[float, float] = (0.0, 1.0)) 
     return out
 
 
-#: Mined label values ``SOFT_BASE + v`` (v = 1..99) mark a pixel trained towards its box's
-#: class with probability ``v / 100`` (``soft_votes``); they exist only inside training targets.
-SOFT_BASE = 128
-
-
-def box_votes(shape: tuple[int, int], boxes: list[list[int]], candidates: list) -> np.ndarray:
-    """Per pixel, the percentage (0..100) of its box's candidates that contain it.
-
-    Boxes are painted in the order of :func:`encode_box_targets` (a smaller box on top of a
-    larger one it overlaps), so the vote of a pixel belongs to the box whose class its box
-    code carries. 255 = outside every box, or in a box without candidates, or in a crowd box.
-    """
-    votes = np.full(shape, 255, np.uint8)
-    for j in _paint_order(boxes):
-        y0, y1, x0, x1 = boxes[j][:4]
-        cands = candidates[j]
-        if cands is None or cands.masks.shape[0] == 0:
-            votes[y0:y1, x0:x1] = 255
-            continue
-        by0, by1, bx0, bx1 = cands.box
-        fraction = cands.masks[:, by0:by1, bx0:bx1].mean(0, dtype=np.float64)
-        votes[y0:y1, x0:x1] = np.round(100.0 * fraction).astype(np.uint8)
-    for y0, y1, x0, x1, _, crowd in boxes:
-        if crowd:
-            votes[y0:y1, x0:x1] = 255
-    return votes
-
-
-def soft_vote_loss(logits, labels, box_codes):
-    """Summed soft cross-entropy of the ``SOFT_BASE + v`` pixels, and their number.
-
-    Such a pixel's target is its box's class with probability ``v / 100`` and background
-    otherwise (the class comes from the box code, :func:`encode_box_targets`).
-    """
-    import torch
-
-    soft = (labels > SOFT_BASE) & (labels < SOFT_BASE + 100) & (box_codes > 0)
-    n_soft = int(soft.sum())
-    if n_soft == 0:
-        return logits.sum() * 0.0, 0
-    log_p = torch.log_softmax(logits.float(), dim=1)
-    cls = ((box_codes - 1) % BOX_CODE_BASE).clamp(max=logits.shape[1] - 1)
-    log_object = log_p.gather(1, cls.unsqueeze(1)).squeeze(1)[soft]
-    v = (labels[soft] - SOFT_BASE).float() / 100.0
-    return -(v * log_object + (1.0 - v) * log_p[:, 0][soft]).sum(), n_soft
-
-
 #: ``network_override`` leaves a box alone when it would flip more than this fraction of the
 #: pixels the candidates agree on (on Weizmann Horse most boxes flip under 1%).
 OVERRIDE_MAX_FLIPS = 0.1
@@ -825,14 +778,6 @@ class BoxSup(NetworkMethod):
         Not on by default: on the Weizmann Horse validation split 0.99 raised the round-1
         masks' foreground IoU from 0.895 to 0.905 but not the network's (0.832 vs 0.833,
         seed 0; docs/benchmarks/boxsup.md, session 9).
-    soft_votes : float
-        ``consensus``: train the box pixels the candidates leave undecided towards the box's
-        class with probability = the fraction of candidates that contain the pixel (a soft
-        cross-entropy), at this weight relative to a labelled pixel; 0 (the default) = they
-        are ignored. Why: ignored pixels get no loss at all, and the region enclosed by a
-        horse's legs, which the candidates dispute, is then often predicted as horse; on
-        the Weizmann Horse training split the vote is calibrated (pixels with 20% / 45% /
-        75% of the votes are horse 20% / 39% / 66% of the time; session 9).
     recursion : {"fill", "crf"}
         How rounds after the first relabel the boxes. ``fill``: the candidates' vote stays
         and ``network_fill`` decides its undecided pixels. ``crf`` ("Simple Does It"
@@ -909,7 +854,6 @@ class BoxSup(NetworkMethod):
                  network_override: float | None = 0.9,
                  network_ignore: float | None = None,
                  mining_ema: float | None = None,
-                 soft_votes: float = 0.0,
                  pairwise_weight: float = 0.0,
                  select_best: bool = False,
                  decoder: str = "unet",
@@ -936,7 +880,6 @@ class BoxSup(NetworkMethod):
         self.network_override = network_override
         self.network_ignore = network_ignore
         self.mining_ema = mining_ema
-        self.soft_votes = soft_votes
         self.recursion = recursion
         self.round0_crf = round0_crf
         self.mining_crf = mining_crf
@@ -1072,15 +1015,6 @@ class BoxSup(NetworkMethod):
                                                   crf=crf, min_fill=self.relabel_min_fill)
             if self.tightness_ignore:
                 labels = ignore_untight(labels, boxes)
-            if self.soft_votes > 0:
-                from unsup.training import IGNORE
-
-                votes = box_votes(labels.shape, boxes, cands)
-                # only the pixels the candidates dispute: agreed ones that ended up ignored
-                # (tightness lines, network_ignore) keep no target
-                keep = (labels == IGNORE) & (votes >= 1) & (votes <= 99)
-                write_label_map(target / "votes" / f"{item['id']}.png",
-                                np.where(keep, votes, np.uint8(255)).astype(np.uint8))
             write_label_map(target / "labels" / f"{item['id']}.png", labels)
             write_overlay(target / "overlays" / f"{item['id']}.png", image, labels)
             all_choices[item["id"]] = choices
@@ -1117,8 +1051,7 @@ class BoxSup(NetworkMethod):
                 ("network_fill", (0.0, 1.0), True, "a probability in (0, 1] or None (off)"),
                 ("network_override", (0.0, 1.0), True, "a probability in (0, 1] or None (off)"),
                 ("network_ignore", (0.0, 1.0), True, "a probability in (0, 1] or None (off)"),
-                ("mining_ema", (0.0, 1.0), True, "a decay in (0, 1) or None (off)"),
-                ("soft_votes", (0.0, math.inf), False, "a number >= 0 (0 = off)")):
+                ("mining_ema", (0.0, 1.0), True, "a decay in (0, 1) or None (off)")):
             value = getattr(self, name)
             if value is None and optional:
                 continue
@@ -1145,9 +1078,6 @@ class BoxSup(NetworkMethod):
         def load_pair(i):
             folder = self.mined_dir(state["out_dir"], state["round"])
             labels = read_label_map(folder / "labels" / f"{cache.items[i]['id']}.png")
-            if self.soft_votes > 0:
-                votes = read_label_map(folder / "votes" / f"{cache.items[i]['id']}.png")
-                labels = np.where(votes != 255, SOFT_BASE + votes.astype(np.int64), labels)
             if self._packs_boxes():  # the boxes ride along through the augmentation
                 labels = encode_box_targets(labels, cache.items[i]["boxes"])
             return cache.image(i), labels
@@ -1155,7 +1085,7 @@ class BoxSup(NetworkMethod):
         return load_pair
 
     def _packs_boxes(self) -> bool:
-        return self.tightness_weight > 0 or self.pairwise_weight > 0 or self.soft_votes > 0
+        return self.tightness_weight > 0 or self.pairwise_weight > 0
 
     def _batches(self, make_batches, cache, out_dir):
         state = self._run
@@ -1228,21 +1158,7 @@ class BoxSup(NetworkMethod):
                 if not method._packs_boxes():
                     return super().compute_loss(logits, targets, images=images)
                 labels, box_codes = targets % BOX_CODE_BASE, targets // BOX_CODE_BASE
-                if method.soft_votes > 0:
-                    import torch
-
-                    from unsup.training import IGNORE
-
-                    soft_sum, n_soft = soft_vote_loss(logits, labels, box_codes)
-                    labels = torch.where(labels >= SOFT_BASE, IGNORE, labels)
-                    n_hard = int((labels != IGNORE).sum())
-                    hard, parts = super().compute_loss(logits, labels, images=images)
-                    weight = float(method.soft_votes)
-                    # one mean over hard and (weighted) soft pixels
-                    loss = (hard * n_hard + weight * soft_sum) / max(n_hard + weight * n_soft, 1)
-                    parts["soft_pixels"] = float(n_soft)
-                else:
-                    loss, parts = super().compute_loss(logits, labels, images=images)
+                loss, parts = super().compute_loss(logits, labels, images=images)
                 if method.tightness_weight > 0:
                     tight = tightness_loss(logits, box_codes, alpha=method.tightness_alpha,
                                            min_side=method.tightness_min_side)

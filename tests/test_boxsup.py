@@ -12,16 +12,13 @@ import torch
 from methods.boxsup import (
     BOX_CODE_BASE,
     OVERRIDE_MAX_FLIPS,
-    SOFT_BASE,
     BoxSup,
-    box_votes,
     boxi_mask,
     encode_box_targets,
     ignore_untight,
     mine_masks,
     pairwise_color_loss,
     scale_boxes,
-    soft_vote_loss,
     tightness_loss,
 )
 from unsup.augment import resize_labels
@@ -739,8 +736,7 @@ def test_negative_loss_weights_are_refused(shapes_root, tmp_path, param):
 @pytest.mark.parametrize("param,value", [("tightness_alpha", 0.0), ("network_fill", 1.5),
                                          ("network_override", -0.1), ("network_override", "x"),
                                          ("network_ignore", 0.0), ("tightness_min_side", 0),
-                                         ("mining_ema", 1.0), ("mining_ema", 0.0),
-                                         ("soft_votes", -1.0)])
+                                         ("mining_ema", 1.0), ("mining_ema", 0.0)])
 def test_out_of_range_options_are_refused(shapes_root, tmp_path, param, value):
     with pytest.raises(ValueError, match=f"{param} must be"):
         BoxSup(epochs=1, **{param: value}, **TINY).fit(
@@ -832,66 +828,3 @@ def test_pairwise_color_loss_rewards_same_class_on_same_colour_inside_boxes():
     stripes[:, :, :, 1::2] = 200.0
     stripes[:, :, 1::2, :] = 200.0 - stripes[:, :, 1::2, :]
     assert float(pairwise_color_loss(checker, stripes, codes, dilations=(1,))) == 0.0
-
-
-def _candidates_over(box, masks):
-    from unsup.proposals import BoxCandidates
-
-    y0, y1, x0, x1 = box
-    return BoxCandidates(window=(y0, y1, x0, x1), box=(0, y1 - y0, 0, x1 - x0),
-                         masks=np.asarray(masks, bool), names=["c"] * len(masks))
-
-
-def test_box_votes_are_percentages_of_the_painted_box():
-    big, small = [0, 4, 0, 6, 1, 0], [1, 3, 1, 3, 2, 0]
-    big_masks = np.zeros((4, 4, 6), bool)
-    big_masks[:3] = True  # 3 of 4 candidates claim the whole box
-    small_masks = np.zeros((2, 2, 2), bool)
-    small_masks[0, 0, 0] = True  # 1 of 2 claims one pixel
-    crowd = [3, 4, 4, 6, 1, 1]
-    votes = box_votes((5, 7), [big, small, crowd], [_candidates_over(big[:4], big_masks),
-                                                   _candidates_over(small[:4], small_masks),
-                                                   None])
-    assert votes[0, 0] == 75 and votes[3, 2] == 75
-    assert votes[1, 1] == 50 and votes[2, 2] == 0  # the smaller box is painted on top
-    assert (votes[4] == 255).all() and (votes[:, 6] == 255).all()  # outside every box
-    assert (votes[3, 4:6] == 255).all()  # crowd box
-
-
-def test_soft_vote_loss_is_minimal_at_the_vote():
-    import torch
-
-    # one pixel in a box of class 2 (box code 1 + 2), vote 20%; a hard pixel is not counted
-    labels = torch.tensor([[[SOFT_BASE + 20, 1]]])
-    codes = torch.tensor([[[3, 3]]])
-    losses = {}
-    for p in (0.05, 0.2, 0.5):
-        logits = torch.log(torch.tensor([1 - p, 1e-6, p])).view(1, 3, 1, 1).expand(1, 3, 1, 2)
-        value, n = soft_vote_loss(logits.clone(), labels, codes)
-        assert n == 1
-        losses[p] = float(value)
-    assert losses[0.2] < losses[0.05] and losses[0.2] < losses[0.5]
-    # outside a box (code 0) there is no soft target
-    assert soft_vote_loss(torch.zeros(1, 3, 1, 2), labels, torch.zeros_like(codes))[1] == 0
-
-
-def test_short_training_run_with_soft_votes(shapes_root, tmp_path):
-    full = _dataset(shapes_root)
-    method = BoxSup(rounds=2, epochs=2, soft_votes=1.0, **TINY)
-    method.fit(BoxesOnlyDataset(full), out_dir=tmp_path)
-    n_soft = 0
-    for sample in full:
-        for r in (0, 1):
-            folder = tmp_path / "mined" / f"round_{r}"
-            labels = read_label_map(folder / "labels" / f"{sample.id}.png")
-            votes = read_label_map(folder / "votes" / f"{sample.id}.png")
-            soft = votes != 255
-            # soft targets only where the mined mask is ignored, and never 0 or 100
-            assert (labels[soft] == 255).all() and votes[soft].min(initial=1) >= 1
-            assert votes[soft].max(initial=99) <= 99
-            n_soft += int(soft.sum())
-    assert n_soft > 0
-    history = json.loads((tmp_path / "history.json").read_text())
-    assert all(np.isfinite(e["loss"]) for e in history["epochs"])
-    # the loss saw them: mean soft pixels per training step
-    assert all(e["soft_pixels"] > 0 for e in history["epochs"])
