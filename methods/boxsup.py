@@ -1042,23 +1042,27 @@ class BoxSup(NetworkMethod):
 
     # -- NetworkMethod hooks ------------------------------------------------------------------
     def _fit(self, samples, val_samples, out_dir, epochs, max_minutes, resume, progress):
-        # (name, accepted range, None allowed, what the error asks for)
-        for name, (low, high), optional, rule in (
-                ("tightness_weight", (0.0, math.inf), False, "a number >= 0 (0 = off)"),
-                ("pairwise_weight", (0.0, math.inf), False, "a number >= 0 (0 = off)"),
-                ("tightness_alpha", (0.0, math.inf), True, "a number > 0 or None (off)"),
-                ("tightness_min_side", (1, math.inf), False, "a number of pixels >= 1"),
-                ("network_fill", (0.0, 1.0), True, "a probability in (0, 1] or None (off)"),
-                ("network_override", (0.0, 1.0), True, "a probability in (0, 1] or None (off)"),
-                ("network_ignore", (0.0, 1.0), True, "a probability in (0, 1] or None (off)"),
-                ("mining_ema", (0.0, 1.0), True, "a decay in (0, 1) or None (off)")):
+        # (name, (low, high, high allowed), None allowed, what the error asks for)
+        for name, (low, high, high_ok), optional, rule in (
+                ("tightness_weight", (0.0, math.inf, True), False, "a number >= 0 (0 = off)"),
+                ("pairwise_weight", (0.0, math.inf, True), False, "a number >= 0 (0 = off)"),
+                ("tightness_alpha", (0.0, math.inf, True), True, "a number > 0 or None (off)"),
+                ("tightness_min_side", (1, math.inf, True), False, "a number of pixels >= 1"),
+                ("network_fill", (0.0, 1.0, True), True,
+                 "a probability in (0, 1] or None (off)"),
+                ("network_override", (0.0, 1.0, True), True,
+                 "a probability in (0, 1] or None (off)"),
+                ("network_ignore", (0.0, 1.0, True), True,
+                 "a probability in (0, 1] or None (off)"),
+                ("mining_ema", (0.0, 1.0, False), True, "a decay in (0, 1) or None (off)")):
             value = getattr(self, name)
             if value is None and optional:
                 continue
             # the options that may be None are off with None, so 0 is refused for them
             in_range = isinstance(value, int | float) and (
-                low < value <= high if optional else low <= value <= high)
-            if not in_range or (name == "mining_ema" and value >= 1):
+                (low < value if optional else low <= value)
+                and (value <= high if high_ok else value < high))
+            if not in_range:
                 raise ValueError(f"boxsup: {name} must be {rule}, got {value!r}")
         first = self.first_round_epochs
         if first is not None and int(self.rounds) > 1 and not (
