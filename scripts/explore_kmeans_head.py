@@ -38,7 +38,7 @@ import torch
 
 from unsup.clustering import assign, fit_kmeans
 from unsup.datasets import open_dataset
-from unsup.evaluation.confusion import hungarian_mapping
+from unsup.evaluation.confusion import class_scores, collapse, hungarian_mapping
 from unsup.features import DenseFeatureExtractor
 
 
@@ -70,13 +70,9 @@ def hungarian_miou(labels_per_image, truths, n_classes: int, n_clusters: int):
         full = np.asarray(labels)[grid.pixel_to_cell()]
         valid = (gt >= 0) & (gt < n_classes) if ignore is None else (gt != ignore) & (gt < n_classes)
         np.add.at(table, (gt[valid], full[valid]), 1)
-    mapping = hungarian_mapping(table)
-    ious = []
-    for c in range(n_classes):
-        mine = np.flatnonzero(mapping == c)
-        tp = table[c, mine].sum()
-        ious.append(tp / max(table[:, mine].sum() + table[c].sum() - tp, 1))
-    return float(np.mean(ious)), [round(float(v), 3) for v in ious]
+    scores = class_scores(collapse(table, hungarian_mapping(table)))
+    return scores["miou"], [None if v is None else round(v, 3)
+                            for v in scores["per_class_iou"].values()]
 
 
 def train_head(grids, knn, cfg, rng):
