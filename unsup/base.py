@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 from sklearn.base import BaseEstimator
 
-__all__ = ["Segmentation", "SegmentationMethod", "NotFittedError", "check_image"]
+__all__ = ["Segmentation", "SegmentationMethod", "NotFittedError", "OptionGroup", "RunOptions",
+           "check_image", "params_to_json"]
 
 MODEL_FILE = "model.json"
 ARRAYS_FILE = "arrays.npz"
@@ -27,6 +28,66 @@ WEIGHTS_FILE = "weights.pt"
 
 class NotFittedError(RuntimeError):
     """Raised when ``predict`` is called on a method that needs ``fit`` first."""
+
+
+class OptionGroup(BaseEstimator):
+    """A group of related hyper-parameters nested inside a method.
+
+    A scikit-learn nested estimator: a method holding ``network=NetworkOptions(...)`` exposes
+    its options as ``network__lr`` in ``get_params(deep=True)`` and accepts
+    ``set_params(network__lr=0.01)`` (on the command line ``--param network__lr=0.01``).
+    Subclasses take keyword-only hyper-parameters in ``__init__`` and store them unchanged.
+    A saved model stores a group as a plain JSON object of its parameters.
+    """
+
+    @classmethod
+    def coerce(cls, value, *, name: str):
+        """The group for a method's ``name`` argument: ``None`` (defaults), a dict, or a group.
+
+        Raises
+        ------
+        ValueError
+            For keys the group does not have (listing the ones it has) or another type.
+        """
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            known = cls._get_param_names()
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise ValueError(
+                    f"{name} has no option(s) {', '.join(unknown)}; "
+                    f"its options are: {', '.join(known)}"
+                )
+            return cls(**value)
+        raise ValueError(
+            f"{name} must be a {cls.__name__} or a dict of its options, "
+            f"got {type(value).__name__}"
+        )
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a training run of ``fit`` is carried out (not hyper-parameters of the method).
+
+    Attributes
+    ----------
+    out_dir : path, optional
+        Folder for checkpoints, history and curves; None trains without writing anything.
+    epochs : int, optional
+        Overrides the method's number of epochs.
+    max_minutes : float, optional
+        Wall-clock budget; training stops after the epoch that exceeds it.
+    resume : bool
+        Continue from the checkpoint in ``out_dir``.
+    """
+
+    out_dir: Path | None = None
+    epochs: int | None = None
+    max_minutes: float | None = None
+    resume: bool = False
 
 
 @dataclass
@@ -206,7 +267,7 @@ class SegmentationMethod(BaseEstimator):
                 torch.save(state, tmp)
         meta = {
             "method": self.name,
-            "params": _jsonable(self.get_params()),
+            "params": params_to_json(self),
             "has_arrays": bool(arrays),
             "has_weights": state is not None,
         }
@@ -237,7 +298,14 @@ class SegmentationMethod(BaseEstimator):
         return method
 
 
+def params_to_json(estimator) -> dict:
+    """The hyper-parameters of a method (or CRF) as plain JSON, nested groups as objects."""
+    return _jsonable(estimator.get_params(deep=False))
+
+
 def _jsonable(value):
+    if isinstance(value, OptionGroup):
+        return _jsonable(value.get_params(deep=False))
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
