@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 from sklearn.base import BaseEstimator
 
-__all__ = ["Segmentation", "SegmentationMethod", "NotFittedError", "OptionGroup", "RunOptions",
-           "check_image", "params_to_json"]
+__all__ = ["Segmentation", "SegmentationMethod", "NotFittedError", "ModelLoadError", "OptionGroup",
+           "RunOptions", "check_image", "params_to_json", "read_model_meta"]
 
 MODEL_FILE = "model.json"
 ARRAYS_FILE = "arrays.npz"
@@ -276,26 +276,101 @@ class SegmentationMethod(BaseEstimator):
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SegmentationMethod:
-        """Load a model saved with :meth:`save` (no pickles: ``weights_only=True``)."""
-        directory = Path(directory)
-        meta_path = directory / MODEL_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{directory}: not a saved model (no {MODEL_FILE})")
-        meta = json.loads(meta_path.read_text())
-        if cls.name and meta.get("method") != cls.name:
-            raise ValueError(
-                f"{directory}: holds a {meta.get('method')!r} model, not {cls.name!r}"
-            )
-        method = cls(**meta["params"])
-        if meta.get("has_arrays"):
-            with np.load(directory / ARRAYS_FILE, allow_pickle=False) as data:
-                method._set_state_arrays({k: data[k] for k in data.files})
-        if meta.get("has_weights"):
-            import torch
+        """Load a model saved with :meth:`save` (no pickles: ``weights_only=True``).
 
-            state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-            method._load_state_dict(state)
+        Raises
+        ------
+        FileNotFoundError
+            ``directory`` holds no ``model.json``.
+        ModelLoadError
+            Any defect of the folder (bad JSON, unknown parameters, missing, truncated or
+            mismatching state); the message names the file and the problem.
+        """
+        from unsup.io import read_torch_state
+
+        directory = Path(directory)
+        meta = read_model_meta(directory)
+        if cls.name and meta["method"] != cls.name:
+            raise ModelLoadError(
+                f"{directory}: holds a {meta['method']!r} model, not {cls.name!r}"
+            )
+        meta_path = directory / MODEL_FILE
+        known = set(cls._get_param_names())
+        unknown = sorted(set(meta["params"]) - known)
+        if unknown:
+            raise ModelLoadError(
+                f"{meta_path}: unknown parameter(s) {', '.join(unknown)} for method "
+                f"{meta['method']!r}; its parameters are: {', '.join(sorted(known)) or '(none)'}"
+            )
+        try:
+            method = cls(**meta["params"])
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{meta_path}: invalid parameters ({exc})") from None
+        try:
+            if meta.get("has_arrays"):
+                path = directory / ARRAYS_FILE
+                if not path.is_file():
+                    raise ModelLoadError(f"{path}: missing (model.json says has_arrays)")
+                with np.load(path, allow_pickle=False) as data:
+                    method._set_state_arrays({k: data[k] for k in data.files})
+            if meta.get("has_weights"):
+                path = directory / WEIGHTS_FILE
+                state = read_torch_state(path)
+                try:
+                    method._load_state_dict(state)
+                except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    raise ModelLoadError(
+                        f"{path}: does not fit a {meta['method']!r} model with these "
+                        f"parameters ({type(exc).__name__}: {reason[:200]})"
+                    ) from None
+        except ModelLoadError:
+            raise
+        except FileNotFoundError as exc:
+            raise ModelLoadError(str(exc)) from None
+        except (ValueError, OSError, EOFError) as exc:  # truncated / corrupt npz or weights
+            raise ModelLoadError(str(exc) if str(exc).startswith(str(directory))
+                                 else f"{directory}: unreadable learned state ({exc})") from None
+        if not method.is_fitted():
+            raise ModelLoadError(
+                f"{meta_path}: the model holds no learned state (has_weights / has_arrays "
+                f"false), but {meta['method']!r} must be fitted; train it again"
+            )
         return method
+
+
+class ModelLoadError(ValueError):
+    """A model folder cannot be loaded; the message names the file and the problem."""
+
+
+def read_model_meta(directory: str | os.PathLike) -> dict:
+    """Read and check a model folder's ``model.json``.
+
+    Returns
+    -------
+    dict
+        With at least ``method`` (str) and ``params`` (dict).
+    """
+    directory = Path(directory)
+    path = directory / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not a saved model (no {MODEL_FILE})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ModelLoadError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{path}: must hold a JSON object, got {type(meta).__name__}")
+    for key, kind in (("method", str), ("params", dict)):
+        if key not in meta:
+            raise ModelLoadError(f"{path}: missing key {key!r}")
+        if not isinstance(meta[key], kind):
+            raise ModelLoadError(f"{path}: {key!r} must be a JSON "
+                                 f"{'string' if kind is str else 'object'}, "
+                                 f"got {type(meta[key]).__name__}")
+    return meta
 
 
 def params_to_json(estimator) -> dict:

@@ -66,7 +66,8 @@ def cmd_methods(args) -> int:
 def cmd_segment(args) -> int:
     from unsup.datasets import DatasetError, open_dataset
     from unsup.registry import create_method, load_method
-    from unsup.runner import describe_model, fit_if_needed, segment_dataset
+    from unsup.runner import (RunConflictError, describe_model, fit_if_needed,
+                              segment_dataset)
 
     params = parse_key_values(args.param, option="--param")
     try:
@@ -128,10 +129,14 @@ def cmd_segment(args) -> int:
             model_info = describe_model(Path(args.save_model))
         model_info = model_info or {"fitted_on": args.input}
 
-    result = segment_dataset(dataset, method, args.out, crf=crf, hierarchy=hierarchy,
-                             overwrite=args.overwrite, seed=args.seed,
-                             progress=not args.no_progress, model_info=model_info,
-                             command=sys.argv)
+    try:
+        result = segment_dataset(dataset, method, args.out, crf=crf, hierarchy=hierarchy,
+                                 overwrite=args.overwrite, seed=args.seed,
+                                 progress=not args.no_progress, model_info=model_info,
+                                 command=sys.argv)
+    except RunConflictError as exc:
+        print(f"unsup: error: {exc}", file=sys.stderr)
+        return 2
     n = len(dataset)
     print(f"{len(result.done)} segmented, {len(result.skipped)} already done, "
           f"{len(result.failures)} failed, of {n} image(s) -> {args.out}")

@@ -224,8 +224,42 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+#: A folder holding this file is the output of an unsup run, never an input.
+RUN_MARKER = "run.json"
+#: What a run writes beside its run.json (left out when the input folder is itself an output).
+RUN_OUTPUT_FOLDERS = ("labels", "overlays", "hierarchy")
+
+
+def _input_files(root: Path) -> list[Path]:
+    """Every non-hidden file under ``root``, sorted, leaving out the outputs of unsup runs.
+
+    A sub-folder holding a ``run.json`` is an output tree and is skipped whole; when ``root``
+    itself holds one (``--out`` equal to the input), the folders a run writes are skipped.
+    Either way one warning says what was left out, so that rerunning a command whose output
+    lies inside its input never reads its own results back as images.
+    """
+    files, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames.sort()
+        if (here / RUN_MARKER).is_file():
+            if here != root:
+                skipped.append(here)
+                dirnames.clear()
+                continue
+            skipped.extend(here / n for n in dirnames if n in RUN_OUTPUT_FOLDERS)
+            dirnames[:] = [n for n in dirnames if n not in RUN_OUTPUT_FOLDERS]
+        files.extend(here / f for f in filenames if not f.startswith("."))
+    if skipped:
+        names = ", ".join(p.relative_to(root).as_posix() for p in skipped[:3])
+        warnings.warn(f"{root}: left out {len(skipped)} folder(s) written by unsup runs "
+                      f"({names}{', ...' if len(skipped) > 3 else ''}); they are outputs, "
+                      "not inputs", stacklevel=3)
+    return sorted(files, key=lambda p: p.as_posix())
+
+
 def _list_images(directory: Path) -> list[Path]:
-    return sorted((p for p in directory.rglob("*") if _is_image(p)), key=lambda p: p.as_posix())
+    return [p for p in _input_files(directory) if _is_image(p)]
 
 
 def _stem_index(directory: Path, exts=None) -> dict[str, Path]:
@@ -360,8 +394,7 @@ def _folder(path: Path, spec: str) -> Dataset:
     if not path.is_dir():
         raise DatasetError(f"{path}: no such file or directory")
     records = [Record(p.relative_to(path).with_suffix("").as_posix(), p)
-               for p in sorted((p for p in path.rglob("*") if p.is_file()
-                                and not p.name.startswith(".")), key=lambda p: p.as_posix())
+               for p in _input_files(path)
                if p.suffix.lower() in IMAGE_EXTENSIONS or _looks_like_input(p)]
     if not records:
         raise DatasetError(f"{path}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")

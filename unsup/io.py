@@ -39,9 +39,11 @@ __all__ = [
     "label_colors",
     "atomic_write_path",
     "atomic_write_bytes",
+    "frame_count",
+    "read_torch_state",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 #: Images above this many pixels are refused (decompression bombs, absurd inputs).
 MAX_PIXELS = 200_000_000
 
@@ -90,6 +92,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 # reading
 
 
+def _check_size(path: Path, width: int, height: int) -> None:
+    """Refuse an image by the size its header declares, before any pixel is decoded.
+
+    Every decoder path calls this first, so the pixel limit cannot be bypassed by a format
+    that one library reads and the other does not.
+    """
+    if width < 1 or height < 1:
+        raise ImageReadError(path, f"image has no pixels ({width}x{height})")
+    if width * height > MAX_PIXELS:
+        raise ImageReadError(
+            path, f"image is {width}x{height} = {width * height} pixels, above the "
+            f"limit of {MAX_PIXELS} (unsup.io.MAX_PIXELS)"
+        )
+
+
 def _open_checked(path: Path) -> Image.Image:
     if not path.exists():
         raise ImageReadError(path, "file does not exist")
@@ -101,14 +118,7 @@ def _open_checked(path: Path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
-            width, height = img.size
-            if width < 1 or height < 1:
-                raise ImageReadError(path, f"image has no pixels ({width}x{height})")
-            if width * height > MAX_PIXELS:
-                raise ImageReadError(
-                    path, f"image is {width}x{height} = {width * height} pixels, above the "
-                    f"limit of {MAX_PIXELS} (unsup.io.MAX_PIXELS)"
-                )
+            _check_size(path, *img.size)
             img.load()
     except ImageReadError:
         raise
@@ -158,7 +168,12 @@ def _read_tiff_fallback(path: Path) -> np.ndarray:
     import tifffile
 
     try:
-        array = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            _check_size(path, int(page.imagewidth), int(page.imagelength))
+            array = page.asarray()
+    except ImageReadError:
+        raise
     except Exception as exc:  # tifffile raises many types on bad data
         raise ImageReadError(path, f"corrupt or unsupported TIFF ({exc})") from None
     if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[2] not in (3, 4):
@@ -180,7 +195,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Parameters
     ----------
     path : path-like
-        JPEG, PNG (8/16-bit, palette, gray, RGBA), TIFF, BMP or WebP file.
+        JPEG, PNG (8/16-bit, palette, gray, RGBA), TIFF, BMP, WebP or GIF file (first
+        frame of an animation).
 
     Returns
     -------
@@ -211,6 +227,18 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ImageReadError(path, f"image has no pixels ({image.shape[1]}x{image.shape[0]})")
     return np.ascontiguousarray(image)
+
+
+def frame_count(path: str | os.PathLike) -> int:
+    """Number of frames (pages) of an image file; :func:`read_image` uses the first only.
+
+    Reads the header and frame index, not the pixels; 1 for files PIL cannot open.
+    """
+    try:
+        with Image.open(path) as img:
+            return int(getattr(img, "n_frames", 1))
+    except (OSError, SyntaxError, ValueError):
+        return 1
 
 
 def read_label_map(path: str | os.PathLike) -> np.ndarray:
@@ -348,3 +376,53 @@ def overlay(image: np.ndarray, labels: np.ndarray, *, alpha: float = 0.45,
 def write_overlay(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray, **kwargs) -> None:
     """Write :func:`overlay` of ``image`` and ``labels`` as a PNG, atomically."""
     write_image(path, overlay(image, labels, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch state files
+
+
+def read_torch_state(path: str | os.PathLike, *, what: str = "weights file") -> dict:
+    """Read a torch ``state_dict`` / checkpoint file without unpickling anything else.
+
+    ``torch.load(..., weights_only=True)`` admits tensors and plain containers only; every
+    other content, truncation or corruption becomes one :class:`ValueError` naming the file.
+    torch's own advice to retry with ``weights_only=False`` is never passed on: that would
+    run whatever code the file carries.
+
+    Parameters
+    ----------
+    path : path-like
+    what : str
+        How the file is named in messages ("weights file", "checkpoint", ...).
+
+    Returns
+    -------
+    dict
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} is missing")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: {what} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # protocol notices of the weights-only unpickler
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: {what} holds objects other than tensors and plain "
+                         "containers; refused (only plain tensor files are read)") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
+            IndexError, TypeError, AttributeError):
+        raise ValueError(f"{path}: {what} is truncated or corrupt (not a torch tensor "
+                         "file)") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: {what} must hold a dict of tensors, got "
+                         f"{type(state).__name__}")
+    return state
+

@@ -7,10 +7,9 @@ registry imports ``methods`` on first use so that every method is known.
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
-from unsup.base import MODEL_FILE, SegmentationMethod
+from unsup.base import MODEL_FILE, ModelLoadError, SegmentationMethod, read_model_meta
 
 __all__ = ["register", "get_method", "available_methods", "create_method", "load_method",
            "method_parameters"]
@@ -74,8 +73,9 @@ def create_method(name: str, **params) -> SegmentationMethod:
 def load_method(directory) -> SegmentationMethod:
     """Load a saved model directory, whatever method wrote it."""
     directory = Path(directory)
-    meta_path = directory / MODEL_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{directory}: not a saved model (no {MODEL_FILE})")
-    meta = json.loads(meta_path.read_text())
-    return get_method(meta["method"]).load(directory)
+    meta = read_model_meta(directory)
+    try:
+        cls = get_method(meta["method"])
+    except KeyError as exc:
+        raise ModelLoadError(f"{directory / MODEL_FILE}: {exc.args[0]}") from None
+    return cls.load(directory)

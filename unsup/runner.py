@@ -19,6 +19,7 @@ import json
 import platform
 import random
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -27,19 +28,29 @@ from pathlib import Path
 import numpy as np
 
 from unsup.base import Segmentation, SegmentationMethod
-from unsup.datasets import Dataset, DatasetError, Record
+from unsup.datasets import RUN_MARKER, RUN_OUTPUT_FOLDERS, Dataset, DatasetError, Record
 from unsup.io import (
     ImageReadError,
     atomic_write_bytes,
+    frame_count,
     write_label_map,
     write_overlay,
     write_ultrametric_map,
 )
 
-__all__ = ["segment_image", "segment_dataset", "RunResult", "seed_everything", "output_paths",
-           "hierarchy_of", "hierarchy_strength_for", "fit_if_needed"]
+__all__ = ["segment_image", "segment_dataset", "RunResult", "RunConflictError", "seed_everything",
+           "output_paths", "hierarchy_of", "hierarchy_strength_for", "fit_if_needed",
+           "run_fingerprint"]
 
-RUN_FILE = "run.json"
+RUN_FILE = RUN_MARKER
+#: The run.json entries that decide what an output is; a rerun may only reuse outputs whose
+#: entries are all equal (see :func:`run_fingerprint`).
+FINGERPRINT_KEYS = ("method", "params", "model", "seed", "crf", "hierarchy",
+                    "hierarchy_strength")
+
+
+class RunConflictError(ValueError):
+    """The output folder cannot be used for this run; the message says why and what to do."""
 
 
 def seed_everything(seed: int) -> None:
@@ -185,15 +196,7 @@ def segment_dataset(dataset: Dataset, method: SegmentationMethod, out, *, crf=No
     from tqdm import tqdm
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    previous = {}
-    if (out / RUN_FILE).is_file() and not overwrite:
-        try:
-            previous = json.loads((out / RUN_FILE).read_text())
-        except json.JSONDecodeError:
-            previous = {}
-    timings: dict[str, float] = dict(previous.get("timings", {}))
-    infos: dict[str, dict] = dict(previous.get("info", {}))
+    _check_output_folder(out)
     run = {
         "method": method.name,
         "params": _jsonable_params(method),
@@ -209,12 +212,25 @@ def segment_dataset(dataset: Dataset, method: SegmentationMethod, out, *, crf=No
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "n_images": len(dataset),
     }
+    run["fingerprint"] = run_fingerprint(run)
+    previous = {} if overwrite else _previous_run(out, run)
+    timings: dict[str, float] = dict(previous.get("timings", {}))
+    infos: dict[str, dict] = dict(previous.get("info", {}))
+    first_frames: dict[str, int] = dict(previous.get("first_frame_of", {}))
+    records = _outside(dataset.records, out)
+    if len(records) < len(dataset.records):
+        print(f"unsup: note: left out {len(dataset.records) - len(records)} file(s) in the "
+              f"folders this run writes under {out}; outputs are never read as input",
+              file=sys.stderr)
+    # written first, so that an output folder is recognisable as one from its first file on
+    _write_run_json(out, {**run, "timings": timings, "info": infos, "failures": [],
+                          "first_frame_of": first_frames, "complete": False})
     if hierarchy is not None:
         atomic_write_bytes(out / "hierarchy" / "_hierarchy.json",
                            json.dumps({"format": "unsup-ucm", "version": 1}).encode())
     result = RunResult(out=out)
     last_flush = time.monotonic()
-    bar = tqdm(dataset.records, desc=f"segment [{method.name}]", unit="img", disable=not progress,
+    bar = tqdm(records, desc=f"segment [{method.name}]", unit="img", disable=not progress,
                file=sys.stderr)
     for record in bar:
         paths = output_paths(out, record.id, hierarchy=hierarchy is not None)
@@ -224,6 +240,9 @@ def segment_dataset(dataset: Dataset, method: SegmentationMethod, out, *, crf=No
         try:
             t0 = time.perf_counter()
             image = dataset.load(record).image
+            frames = frame_count(record.image_path)
+            if frames > 1:  # animated GIF, multi-page TIFF: read_image takes the first frame
+                first_frames[record.id] = frames
             seg = segment_image(image, method, crf=crf, seed=seed)
             if hierarchy is not None:
                 write_ultrametric_map(paths["hierarchy"], hierarchy(image, seg))
@@ -242,9 +261,11 @@ def segment_dataset(dataset: Dataset, method: SegmentationMethod, out, *, crf=No
             result.failures.append(_failure(record, exc, with_trace=True))
         if time.monotonic() - last_flush > 10.0:
             _write_run_json(out, {**run, "timings": timings, "info": infos,
-                                  "failures": result.failures, "complete": False})
+                                  "failures": result.failures, "first_frame_of": first_frames,
+                                  "complete": False})
             last_flush = time.monotonic()
     run.update(timings=timings, info=infos, failures=result.failures,
+               first_frame_of=first_frames,
                complete=not result.failures,
                finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                summary={"done": len(result.done), "skipped_existing": len(result.skipped),
@@ -253,6 +274,73 @@ def segment_dataset(dataset: Dataset, method: SegmentationMethod, out, *, crf=No
                         if timings else None})
     _write_run_json(out, run)
     return result
+
+
+def run_fingerprint(run: dict) -> str:
+    """SHA-256 (16 hex digits) of the run.json entries that decide what the outputs are."""
+    decisive = {key: run.get(key) for key in FINGERPRINT_KEYS}
+    text = json.dumps(decisive, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_output_folder(out: Path) -> None:
+    """Refuse an output path that is a file or a folder that cannot be written, up front."""
+    if out.exists() and not out.is_dir():
+        raise RunConflictError(f"{out}: --out exists and is not a folder; give a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise RunConflictError(f"{out}: cannot write to the output folder "
+                               f"({exc.strerror or exc})") from None
+
+
+def _previous_run(out: Path, run: dict) -> dict:
+    """The run.json of an earlier run into ``out`` that this run may resume, else {}.
+
+    Outputs of another method, other parameters, model, seed, CRF or hierarchy setting are
+    never taken as done: the run is refused, naming what differs.
+    """
+    path = out / RUN_FILE
+    has_outputs = (out / "labels").is_dir() and any((out / "labels").iterdir())
+    if not path.is_file():
+        if has_outputs:
+            raise RunConflictError(
+                f"{out}: holds label maps but no {RUN_FILE}, so what made them is unknown; "
+                "rerun with --overwrite to replace them, or choose another --out")
+        return {}
+    try:
+        previous = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunConflictError(f"{path}: unreadable ({exc}); rerun with --overwrite to "
+                               "start the output folder afresh") from None
+    if not isinstance(previous, dict):
+        raise RunConflictError(f"{path}: not a run record; rerun with --overwrite")
+    if previous.get("fingerprint") == run["fingerprint"]:
+        return previous
+    if not has_outputs and not previous.get("timings"):
+        return {}  # an earlier run that wrote nothing yet: nothing to protect
+    differing = [key for key in FINGERPRINT_KEYS
+                 if json.dumps(previous.get(key), sort_keys=True, default=str)
+                 != json.dumps(run.get(key), sort_keys=True, default=str)]
+    detail = "; ".join(f"{key}: {_short(previous.get(key))} before, {_short(run.get(key))} now"
+                       for key in differing) or "a run record without a fingerprint"
+    raise RunConflictError(
+        f"{out}: holds the outputs of a different run ({detail}); rerun with --overwrite to "
+        "replace them, or choose another --out")
+
+
+def _short(value, limit: int = 80) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _outside(records: list[Record], out: Path) -> list[Record]:
+    """The records whose files do not lie in the folders this run writes under ``out``."""
+    written = [(out / name).resolve() for name in RUN_OUTPUT_FOLDERS]
+    return [r for r in records if r.image_path is None
+            or not any(Path(r.image_path).resolve().is_relative_to(w) for w in written)]
 
 
 def fit_if_needed(method: SegmentationMethod, dataset: Dataset, *, progress: bool = True,
