@@ -213,3 +213,111 @@ def test_weights_defects_name_the_file_and_never_suggest_unsafe_loading(tmp_path
         torch.save({**state, "network": dict(list(state["network"].items())[1:])}, weights)
     err = _model_error(capsys, model, src, tmp_path)
     assert "weights.pt" in err, err
+
+
+# ------------------------------------------------------------------ annotation files
+
+
+def _boxes_csv(tmp_path, rows, header="image,x0,y0,x1,y1,label"):
+    path = tmp_path / "boxes.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("row, expected", [
+    ("img0,1,1,10,10,-3", r"boxes.csv:2: class id -3 is outside 1..254"),
+    ("img0,1,1,10,10,300", r"boxes.csv:2: class id 300 is outside 1..254"),
+    ("img0,10,8", r"boxes.csv:2: missing value\(s\) for x1, y1, label"),
+    ("img0,nan,1,10,10,1", r"boxes.csv:2: x0 = nan is not a finite number"),
+    ("img0,1,one,10,10,1", r"boxes.csv:2: y0 = 'one' is not a number"),
+])
+def test_bad_csv_rows_name_file_and_line(tmp_path, row, expected):
+    from unsup.datasets import DatasetError, open_dataset
+
+    src = _folder(tmp_path, n=1)
+    csv_path = _boxes_csv(tmp_path, ["img0,2,2,20,20,1", row][1:])
+    with pytest.raises(DatasetError, match=expected):
+        open_dataset(str(src), boxes=csv_path)
+
+
+def test_csv_ids_outside_the_dataset_and_stray_class_ids_are_reported(tmp_path):
+    from unsup.datasets import open_dataset
+
+    src = _folder(tmp_path, n=2)
+    csv_path = _boxes_csv(tmp_path, ["img0,2,2,20,20,1", "img1,3,3,30,30,7",
+                                     "ghost,1,1,5,5,1", "phantom,1,1,5,5,1"])
+    with pytest.warns(UserWarning) as caught:
+        dataset = open_dataset(str(src), boxes=csv_path)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "2 image id(s) are not in" in messages and "ghost, phantom" in messages
+    assert "not contiguous; mapped to 1..2 (7 -> 2)" in messages
+    assert dataset.class_names == ["background", "1", "7"]
+    assert [b.label for b in dataset.load("img1").boxes] == [2]
+
+
+def _coco_json(tmp_path, data):
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _coco_data():
+    return {"images": [{"id": 1, "file_name": "img0.png", "height": 40, "width": 56}],
+            "categories": [{"id": 3, "name": "thing"}],
+            "annotations": [{"id": 11, "image_id": 1, "category_id": 3,
+                             "bbox": [2, 2, 10, 10], "area": 100, "iscrowd": 0,
+                             "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]}]}
+
+
+@pytest.mark.parametrize("defect, expected", [
+    ("string bbox", r"annotation 11: bbox must be 4 finite numbers"),
+    ("3-number bbox", r"annotation 11: bbox must be 4 finite numbers .* got \[2, 2, 10\]"),
+    ("top-level list", r"a COCO instances json is an object .* got a list"),
+    ("no categories", r"missing list 'categories'"),
+    ("no bbox", r"annotation 11 has no 'bbox'"),
+    ("no file_name", r"image #0 has no 'file_name'"),
+    ("unknown category", r"annotation 11: unknown category_id 99"),
+])
+def test_bad_coco_json_names_file_and_annotation(tmp_path, defect, expected):
+    from unsup.datasets import DatasetError, open_dataset
+
+    src = _folder(tmp_path, n=1)
+    data = _coco_data()
+    ann = data["annotations"][0]
+    if defect == "string bbox":
+        ann["bbox"] = [2, "2", 10, 10]
+    elif defect == "3-number bbox":
+        ann["bbox"] = [2, 2, 10]
+    elif defect == "top-level list":
+        data = [data]
+    elif defect == "no categories":
+        del data["categories"]
+    elif defect == "no bbox":
+        del ann["bbox"]
+    elif defect == "no file_name":
+        del data["images"][0]["file_name"]
+    else:
+        ann["category_id"] = 99
+    path = _coco_json(tmp_path, data)
+    with pytest.raises(DatasetError, match="ann.json: " + expected):
+        open_dataset(f"coco:{path}:{src}")
+    with pytest.raises(DatasetError, match="ann.json: " + expected):
+        open_dataset(str(src), boxes=path)
+
+
+def test_ground_truth_values_outside_label_range_fail_that_item(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    from unsup.datasets import DatasetError, open_dataset
+
+    src = _folder(tmp_path, n=2)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    good = np.zeros((40, 56), np.int32)
+    bad = good.copy()
+    bad[0, 0], bad[0, 1] = -5, 70000
+    tifffile.imwrite(masks / "img0.tif", good)
+    tifffile.imwrite(masks / "img1.tif", bad)
+    dataset = open_dataset(f"masks:{src}:{masks}")
+    assert dataset.load("img0").ground_truth[0].max() == 0
+    with pytest.raises(DatasetError, match=r"img1.tif: label value\(s\) -5, 70000 outside"):
+        dataset.load("img1")

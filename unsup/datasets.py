@@ -21,6 +21,7 @@ via ``boxes=``, or be derived from the masks with ``boxes_from_masks=True``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import warnings
@@ -224,6 +225,8 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+#: Largest class id a ground-truth label map may hold (what a 16-bit label PNG stores).
+MAX_LABEL = 65535
 #: A folder holding this file is the output of an unsup run, never an input.
 RUN_MARKER = "run.json"
 #: What a run writes beside its run.json (left out when the input folder is itself an output).
@@ -344,40 +347,97 @@ def _voc_xml_boxes(path: Path, class_ids: dict[str, int]) -> list[Box]:
     return boxes
 
 
+#: Box class ids a label map can hold: 0 is the background and 255 marks void pixels.
+BOX_CLASS_RANGE = (1, 254)
+
+
 class _CsvBoxes:
-    """Boxes from a CSV with header ``image,x0,y0,x1,y1,label`` (image = id, stem or file name)."""
+    """Boxes from a CSV with header ``image,x0,y0,x1,y1,label`` (image = id, stem or file name).
+
+    ``label`` is a class name (of the dataset's classes) or a numeric class id in
+    ``BOX_CLASS_RANGE``. Numeric ids of a dataset without class names that are not
+    contiguous (``1, 7``) are mapped, in increasing order, to ``1..K`` with a warning, and
+    :attr:`class_names` records the mapping, so that a stray id never adds empty classes.
+    """
+
+    FIELDS = ("image", "x0", "y0", "x1", "y1", "label")
 
     def __init__(self, path: Path, class_names: list[str] | None):
         self.path = path
+        self.class_names = class_names
         self.by_key: dict[str, list[Box]] = {}
         names = {n: i for i, n in enumerate(class_names or [])}
+        numeric: dict[int, int] = {}  # id -> first line, to report and map
         try:
             with open(path, newline="") as fh:
                 reader = csv.DictReader(fh)
-                need = {"image", "x0", "y0", "x1", "y1", "label"}
-                if reader.fieldnames is None or not need <= set(reader.fieldnames):
+                if reader.fieldnames is None or not set(self.FIELDS) <= set(reader.fieldnames):
                     raise DatasetError(
                         f"{path}: CSV boxes need the header image,x0,y0,x1,y1,label; "
                         f"got {reader.fieldnames}"
                     )
                 for line, row in enumerate(reader, start=2):
+                    missing = [k for k in self.FIELDS if not (row.get(k) or "").strip()]
+                    if missing:
+                        raise DatasetError(f"{path}:{line}: missing value(s) for "
+                                           f"{', '.join(missing)} (a row needs "
+                                           f"{','.join(self.FIELDS)})")
                     lab = row["label"].strip()
                     if lab.lstrip("-").isdigit():
                         label = int(lab)
+                        low, high = BOX_CLASS_RANGE
+                        if class_names and not 0 < label < len(class_names):
+                            raise DatasetError(
+                                f"{path}:{line}: class id {label} is not one of the dataset's "
+                                f"classes 1..{len(class_names) - 1}")
+                        if not low <= label <= high:
+                            raise DatasetError(
+                                f"{path}:{line}: class id {label} is outside {low}..{high} "
+                                "(0 is the background, 255 marks void pixels)")
+                        numeric.setdefault(label, line)
                     elif lab in names:
                         label = names[lab]
                     else:
                         warnings.warn(f"{path}:{line}: unknown class {lab!r}; skipped",
                                       stacklevel=2)
                         continue
-                    try:
-                        coords = [float(row[k]) for k in ("x0", "y0", "x1", "y1")]
-                    except ValueError:
-                        raise DatasetError(f"{path}:{line}: non-numeric box coordinates") from None
+                    coords = []
+                    for k in ("x0", "y0", "x1", "y1"):
+                        try:
+                            value = float(row[k])
+                        except ValueError:
+                            raise DatasetError(f"{path}:{line}: {k} = {row[k].strip()!r} is not "
+                                               "a number") from None
+                        if not np.isfinite(value):
+                            raise DatasetError(f"{path}:{line}: {k} = {row[k].strip()} is not a "
+                                               "finite number")
+                        coords.append(value)
                     key = Path(row["image"].strip()).with_suffix("").as_posix()
                     self.by_key.setdefault(key, []).append(Box(*coords, label))
         except OSError as exc:
             raise DatasetError(f"{path}: cannot read CSV boxes ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path}: not a text CSV file ({exc.reason})") from None
+        except csv.Error as exc:
+            raise DatasetError(f"{path}: malformed CSV ({exc})") from None
+        if numeric and not class_names:
+            self._make_contiguous(sorted(numeric))
+
+    def _make_contiguous(self, ids: list[int]) -> None:
+        mapping = {old: new for new, old in enumerate(ids, start=1)}
+        if any(old != new for old, new in mapping.items()):
+            moved = ", ".join(f"{o} -> {n}" for o, n in mapping.items() if o != n)
+            warnings.warn(f"{self.path}: box class ids {', '.join(map(str, ids))} are not "
+                          f"contiguous; mapped to 1..{len(ids)} ({moved}); the dataset's class "
+                          "names record the original ids", stacklevel=3)
+            self.by_key = {key: [dataclasses.replace(b, label=mapping[b.label]) for b in boxes]
+                           for key, boxes in self.by_key.items()}
+        self.class_names = ["background"] + [str(i) for i in ids]
+
+    def unmatched(self, records: list[Record]) -> list[str]:
+        """The image keys of the CSV that name no record of the dataset."""
+        known = {r.id for r in records} | {r.image_path.stem for r in records}
+        return sorted(k for k in self.by_key if k not in known)
 
     def __call__(self, record: Record, shape) -> list[Box]:
         raw = self.by_key.get(record.id) or self.by_key.get(record.image_path.stem, [])
@@ -445,6 +505,12 @@ def _masks(images: Path, masks: Path, spec: str, ignore_index) -> Dataset:
             labels = read_label_map(record.annotation)
         except ImageReadError as exc:
             raise DatasetError(str(exc)) from None
+        bad = labels[(labels < 0) | (labels > MAX_LABEL)]
+        if bad.size:
+            values = ", ".join(map(str, np.unique(bad)[:5]))
+            raise DatasetError(f"{record.annotation}: label value(s) {values} outside "
+                               f"0..{MAX_LABEL}; ground-truth values are class ids (or the "
+                               "void index), which label maps store in 16 bits")
         return [labels], None, None
 
     return Dataset(spec=spec, records=records, kind="masks", ignore_index=ignore_index,
@@ -529,18 +595,16 @@ class _Coco:
     """COCO instances annotations: boxes, semantic label maps (crowd = void)."""
 
     def __init__(self, ann_file: Path):
+        import contextlib
+        import io as _io
+
         from pycocotools.coco import COCO
 
-        if not ann_file.is_file():
-            raise DatasetError(f"{ann_file}: COCO annotation file not found")
-        try:
-            import contextlib
-            import io as _io
-
-            with contextlib.redirect_stdout(_io.StringIO()):  # pycocotools prints progress
-                self.coco = COCO(str(ann_file))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DatasetError(f"{ann_file}: not a COCO instances json ({exc})") from None
+        data = _read_coco_json(ann_file)
+        with contextlib.redirect_stdout(_io.StringIO()):  # pycocotools prints progress
+            self.coco = COCO()
+            self.coco.dataset = data
+            self.coco.createIndex()
         cats = sorted(self.coco.getCatIds())
         # label ids: 0 = background, 1..K = categories in id order
         self.cat_to_label = {c: i + 1 for i, c in enumerate(cats)}
@@ -561,18 +625,83 @@ class _Coco:
         anns = self.annotations(image_id)
         # paint larger objects first so that small objects on top of them stay visible
         for ann in sorted(anns, key=lambda a: -a.get("area", 0)):
+            if not ann.get("segmentation"):
+                raise DatasetError(f"{self.ann_file}: annotation {ann['id']} has no "
+                                   "segmentation, which a COCO mask dataset needs")
             mask = self.coco.annToMask(ann).astype(bool)
             if ann.get("iscrowd", 0):
                 crowd |= mask
             else:
                 labels[mask] = self.cat_to_label[ann["category_id"]]
         labels[crowd & (labels == 0)] = ignore_index
+        return [labels], None, self.boxes(image_id, shape)
+
+    def boxes(self, image_id, shape) -> list[Box]:
         boxes = []
-        for ann in anns:
+        for ann in self.annotations(image_id):
             x, y, bw, bh = ann["bbox"]
             boxes.append(Box(x, y, x + bw, y + bh, self.cat_to_label[ann["category_id"]],
                              ignore=bool(ann.get("iscrowd", 0))))
-        return [labels], None, _clip_boxes(boxes, shape, f"{self.ann_file} [image {image_id}]")
+        return _clip_boxes(boxes, shape, f"{self.ann_file} [image {image_id}]")
+
+
+def _read_coco_json(path: Path) -> dict:
+    """Read a COCO instances file and check what the lab uses of it, naming the defect.
+
+    pycocotools assumes a well-formed file and fails on a bad one with a bare ``KeyError``;
+    each check here says which file, which annotation or image id, and what is wrong.
+    """
+    if not path.is_file():
+        raise DatasetError(f"{path}: COCO annotation file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: a COCO instances json is an object with images, "
+                           f"annotations and categories; got a {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{path}: missing list {key!r}" if key not in data
+                               else f"{path}: {key!r} must be a list")
+
+    def need(entry, where, keys):
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{path}: {where} must be an object")
+        for key in keys:
+            if key not in entry:
+                raise DatasetError(f"{path}: {where} has no {key!r}")
+
+    categories = set()
+    for i, cat in enumerate(data["categories"]):
+        need(cat, f"category #{i}", ("id", "name"))
+        categories.add(cat["id"])
+    images = set()
+    for i, img in enumerate(data["images"]):
+        need(img, f"image #{i}", ("id", "file_name", "height", "width"))
+        if not isinstance(img["file_name"], str):
+            raise DatasetError(f"{path}: image {img['id']}: file_name must be a string")
+        images.add(img["id"])
+    for i, ann in enumerate(data["annotations"]):
+        need(ann, f"annotation #{i}", ("id",))
+        where = f"annotation {ann['id']}"
+        need(ann, where, ("image_id", "category_id", "bbox"))
+        if ann["category_id"] not in categories:
+            raise DatasetError(f"{path}: {where}: unknown category_id {ann['category_id']!r} "
+                               "(not in 'categories')")
+        if ann["image_id"] not in images:
+            raise DatasetError(f"{path}: {where}: unknown image_id {ann['image_id']!r}")
+        bbox = ann["bbox"]
+        if (not isinstance(bbox, list) or len(bbox) != 4
+                or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                           and np.isfinite(v) for v in bbox)):
+            raise DatasetError(f"{path}: {where}: bbox must be 4 finite numbers [x, y, width, "
+                               f"height], got {json.dumps(bbox)[:80]}")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise DatasetError(f"{path}: {where}: bbox has a negative width or height {bbox}")
+    return data
 
 
 def _coco(ann_file: Path, images: Path, spec: str, ignore_index) -> Dataset:
@@ -607,7 +736,7 @@ def _box_source(boxes: str | os.PathLike, class_names):
 
         def from_coco(record, shape):
             iid = by_stem.get(record.image_path.stem)
-            return [] if iid is None else coco.load(iid, shape, 255)[2]
+            return [] if iid is None else coco.boxes(iid, shape)
 
         return from_coco
     if path.is_dir():
@@ -666,7 +795,16 @@ def open_dataset(spec: str | os.PathLike, *, split: str | None = None,
     except DatasetError:
         raise
     if boxes is not None:
-        ds._box_source = _box_source(boxes, ds.class_names)
+        source = _box_source(boxes, ds.class_names)
+        if isinstance(source, _CsvBoxes):
+            if source.class_names is not None:
+                ds.class_names = source.class_names
+            unmatched = source.unmatched(ds.records)
+            if unmatched:
+                warnings.warn(f"{boxes}: {len(unmatched)} image id(s) are not in {spec_str}, "
+                              f"their boxes are ignored: {', '.join(unmatched[:5])}"
+                              f"{', ...' if len(unmatched) > 5 else ''}", stacklevel=2)
+        ds._box_source = source
         ds.has_boxes = True
     if boxes_from_masks:
         if not ds.has_ground_truth:
