@@ -321,3 +321,27 @@ def test_ground_truth_values_outside_label_range_fail_that_item(tmp_path):
     assert dataset.load("img0").ground_truth[0].max() == 0
     with pytest.raises(DatasetError, match=r"img1.tif: label value\(s\) -5, 70000 outside"):
         dataset.load("img1")
+
+
+# ------------------------------------------------------------------ predictions
+
+
+@pytest.mark.parametrize("protocol", ["matched", "semantic"])
+def test_mat_prediction_with_nan_is_refused(tmp_path, capsys, protocol):
+    from scipy.io import savemat
+
+    src = _folder(tmp_path, n=1)
+    masks = tmp_path / "masks"
+    write_image(masks / "img0.png", (make_shapes_image((40, 56), seed=0)[1] > 0).astype(np.uint8))
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    seg = np.ones((40, 56))
+    seg[3, 4] = np.nan
+    cell = np.empty((1, 1), dtype=object)
+    cell[0, 0] = seg
+    savemat(pred / "img0.mat", {"segs": cell})
+    code = main(["evaluate", "--protocol", protocol, "--pred", str(pred),
+                 "--gt", f"masks:{src}:{masks}", "--out", str(tmp_path / "ev"), "--jobs", "1"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert "img0.mat: segs{1} holds 1 NaN or infinite label(s)" in err

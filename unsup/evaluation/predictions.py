@@ -234,6 +234,24 @@ def _read_soft_boundaries(path: Path) -> np.ndarray:
     raise PredictionError(f"{path}: a soft boundary map must be a gray PNG, got mode {mode}")
 
 
+def _integer_labels(array: np.ndarray, where: str) -> np.ndarray:
+    """A 2-D label map as int64; NaN, infinite or fractional labels are refused, not cast."""
+    if array.ndim != 2:
+        raise PredictionError(f"{where} is not a 2-D label map")
+    if not np.issubdtype(array.dtype, np.integer):
+        try:
+            values = array.astype(np.float64)
+        except (TypeError, ValueError):
+            raise PredictionError(f"{where} holds non-numeric values") from None
+        if not np.isfinite(values).all():
+            raise PredictionError(f"{where} holds {int((~np.isfinite(values)).sum())} NaN or "
+                                  "infinite label(s)")
+        if (values != np.round(values)).any():
+            raise PredictionError(f"{where} holds fractional labels; labels are integers")
+        array = values
+    return array.astype(np.int64)
+
+
 def read_prediction(pred_dir, sample_id: str, pred_type: str = "auto") -> Prediction:
     """Read one sample's prediction.
 
@@ -262,15 +280,16 @@ def read_prediction(pred_dir, sample_id: str, pred_type: str = "auto") -> Predic
             if ucm2.ndim != 2 or ucm2.shape[0] % 2 != 1 or ucm2.shape[1] % 2 != 1:
                 raise PredictionError(f"{path}: ucm2 must be a 2-D (2H+1, 2W+1) array, "
                                       f"got shape {ucm2.shape}")
+            if not np.isfinite(ucm2).all():
+                raise PredictionError(f"{path}: ucm2 holds {int((~np.isfinite(ucm2)).sum())} "
+                                      "NaN or infinite value(s)")
             return Prediction("ucm2", ucm2, path)
         if "segs" in mat and pred_type in ("auto", "labels", "segs"):
             cells = np.asarray(mat["segs"], dtype=object).ravel()
             if cells.size == 0:
                 raise PredictionError(f"{path}: 'segs' is empty")
-            segs = [np.asarray(c).astype(np.int64) for c in cells]
-            for k, s in enumerate(segs):
-                if s.ndim != 2:
-                    raise PredictionError(f"{path}: segs{{{k + 1}}} is not a 2-D label map")
+            segs = [_integer_labels(np.asarray(c), f"{path}: segs{{{k + 1}}}")
+                    for k, c in enumerate(cells)]
             return Prediction("segs", segs, path)
         raise PredictionError(
             f"{path}: expected a 'ucm2' or 'segs' variable for pred_type={pred_type!r}, "
