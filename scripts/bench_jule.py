@@ -64,7 +64,8 @@ def digits_nmi(*, representation: str, learn: bool, seed: int = 0, n_iter_per_pe
     from sklearn.datasets import load_digits
     from sklearn.metrics import normalized_mutual_info_score
 
-    from methods.jule.core import TensorRepresentation, residual_mlp, run_jule, small_convnet
+    from methods.jule.core import run_jule
+    from methods.jule.learning import TensorRepresentation, residual_mlp, small_convnet
 
     x, y = load_digits(return_X_y=True)
     if subset:

@@ -9,14 +9,12 @@ import pytest
 from methods.jule.core import (
     Agglomeration,
     Dendrogram,
-    TensorRepresentation,
     initial_clusters,
     knn_graph,
     l2_normalize,
-    residual_mlp,
     run_jule,
-    weighted_triplet_loss,
 )
+from methods.jule.learning import TensorRepresentation, residual_mlp, weighted_triplet_loss
 from methods.jule.segmentation import Jule, dendrogram_ucm, superpixel_adjacency
 from unsup.synthetic import make_shapes_image
 
@@ -139,11 +137,12 @@ def test_digits_nmi_fast():
 # segmentation
 
 
-def _fast(**kw):
+def _fast(*, cnn=None, **kw):
     # SLIC: Felzenszwalb returns the few flat regions of these small synthetic images almost
     # as they are, leaving JULE nothing to merge or learn
-    params = dict(n_superpixels=150, n_clusters=4, n_iter_per_period=5, max_side=96,
-                  embedding_dim=8, unroll_rate=0.6, features="cnn", superpixels="slic")
+    params = dict(n_superpixels=150, n_clusters=4, features="cnn", superpixels="slic",
+                  learning={"n_iter_per_period": 5, "unroll_rate": 0.6},
+                  cnn={"max_side": 96, "embedding_dim": 8, **(cnn or {})})
     params.update(kw)
     return Jule(**params)
 
@@ -215,7 +214,7 @@ def test_dendrogram_ucm_levels_follow_merge_order():
 
 
 def test_thicken_superpixels_makes_every_pixel_part_of_a_2x2_square():
-    from methods.jule.segmentation import thicken_superpixels
+    from methods.jule.regions import thicken_superpixels
 
     rng = np.random.default_rng(0)
     sp = (rng.random((30, 40)) < 0.1).astype(int)  # scattered one-pixel specks
@@ -250,7 +249,7 @@ def test_input_not_mutated_and_bad_params(shapes):
     with pytest.raises(ValueError, match="scope"):
         Jule(scope="world").predict(image)
     with pytest.raises(ValueError, match="unroll_rate"):
-        Jule(unroll_rate=0).predict(image)
+        Jule(learning={"unroll_rate": 0}).predict(image)
 
 
 def test_bad_superpixels_and_cluster_counts_raise():
@@ -289,7 +288,7 @@ def test_dataset_scope_fit_predict_save_load(tmp_path):
     root = make_shapes_dataset(tmp_path / "data", n_images=3, shape=(64, 80), n_shapes=2)
     ds = open_dataset(f"masks:{root}/images:{root}/masks")
     m = _fast(scope="dataset", n_clusters=3, samples_per_image=40, n_superpixels=80,
-              patch_size=16, learn=True)
+              cnn={"patch_size": 16}, learn=True)
     m.fit(ds.without_annotations())
     sample = ds.load(0)
     seg = m.predict(sample.image)
@@ -307,3 +306,21 @@ def test_felzenszwalb_superpixel_parameters_reach_the_superpixels():
     coarse = Jule(superpixels="felzenszwalb", scale=500.0, min_size=50)._superpixels(image)
     assert fine.shape == coarse.shape == image.shape[:2]
     assert len(np.unique(fine)) > 2 * len(np.unique(coarse))
+
+
+def test_option_groups_are_nested_parameters_and_saved_as_objects(tmp_path):
+    from unsup.registry import load_method
+
+    method = Jule(learning={"lr": 1e-3}, cnn={"max_side": 64})
+    params = method.get_params(deep=True)
+    assert params["learning__lr"] == 1e-3 and params["learning__unroll_rate"] == 0.2
+    assert params["cnn__max_side"] == 64 and params["cnn__embedding_dim"] == 32
+    method.set_params(learning__optimizer="sgd")
+    assert method._jule_kwargs()["optimizer"] == "sgd"
+    assert method._jule_kwargs()["weight_decay"] == 5e-4  # the paper's SGD decay
+    with pytest.raises(ValueError, match="learning has no option"):
+        Jule(learning={"triplets": "clusters"})
+    method.save(tmp_path / "model")
+    loaded = load_method(tmp_path / "model")
+    assert loaded.learning.lr == 1e-3 and loaded.learning.optimizer == "sgd"
+    assert loaded.cnn.max_side == 64

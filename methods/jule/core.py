@@ -2,8 +2,9 @@
 
 Yang, Parikh & Batra, "Joint Unsupervised Learning of Deep Representations and Image Clusters",
 CVPR 2016 (arXiv 1604.03628). Works on any set of samples whose representation is produced by
-a torch module (:class:`Representation`); the segmentation method in
-:mod:`methods.jule.segmentation` and the digits benchmark both use it.
+a torch module (:class:`methods.jule.learning.Representation`, where the backward pass
+lives); the segmentation method in :mod:`methods.jule.segmentation` and the digits benchmark
+both use it.
 
 What is implemented, following the paper:
 
@@ -56,23 +57,23 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
+from methods.jule.learning import (
+    Representation,
+    _MemberIndex,
+    _MergeTripletSampler,
+    _Optimizer,
+    _update_representation,
+)
 from unsup.clustering import first_occurrence_order
 
 __all__ = [
     "Dendrogram",
     "JuleResult",
-    "Representation",
     "knn_graph",
     "initial_clusters",
     "Agglomeration",
-    "weighted_triplet_loss",
-    "sample_triplets",
     "run_jule",
     "l2_normalize",
-    "normalize_embeddings",
-    "TensorRepresentation",
-    "small_convnet",
-    "residual_mlp",
 ]
 
 
@@ -581,136 +582,13 @@ class Agglomeration:
 
 
 # ------------------------------------------------------------------------------------------
-# backward pass
-
-
-class Representation:
-    """What :func:`run_jule` needs from a learnable representation.
-
-    Subclasses hold a torch module and implement :meth:`embed`; :meth:`parameters` defaults to
-    the module's parameters.
-
-    Attributes
-    ----------
-    n_samples : int
-    module : torch.nn.Module
-    """
-
-    n_samples: int
-    module = None
-
-    def embed(self, indices=None):
-        """Embeddings of the samples ``indices`` (a LongTensor; None = all), shape (k, d),
-        differentiable with respect to :meth:`parameters` when grad is enabled."""
-        raise NotImplementedError
-
-    def parameters(self):
-        return list(self.module.parameters())
-
-    def train(self, mode: bool = True):
-        if self.module is not None:
-            self.module.train(mode)
-
-
-def weighted_triplet_loss(anchor, positive, negatives, *, gamma: float = 2.0,
-                          margin: float = 0.2, weight: float = 0.25):
-    """JULE's weighted triplet loss on L2-normalised embeddings.
-
-    Parameters
-    ----------
-    anchor, positive : Tensor, shape (b, d)
-    negatives : Tensor, shape (b, k, d)
-    gamma : float
-        Weight of the positive (same-cluster) term.
-    margin : float
-    weight : float
-        ``lambda / (K_c - 1)``.
-
-    Returns
-    -------
-    Tensor
-        ``weight * sum_k max(0, margin + gamma d(a, p) - d(a, n_k))``, averaged over anchors.
-    """
-    import torch
-
-    d_pos = ((anchor - positive) ** 2).sum(-1)
-    d_neg = ((anchor[:, None, :] - negatives) ** 2).sum(-1)
-    hinge = torch.relu(margin + gamma * d_pos[:, None] - d_neg)
-    return weight * hinge.sum(1).mean()
-
-
-def sample_triplets(labels: np.ndarray, neighbour_clusters: dict[int, list[int]],
-                    n_anchors: int, n_negatives: int, rng: np.random.Generator):
-    """Draw (anchor, positive, negatives) sample indices from the current clusters.
-
-    The positive is another sample of the anchor's cluster (itself for a singleton); negative
-    ``k`` is a random sample of the anchor cluster's ``k``-th most affine cluster (random other
-    clusters when it has fewer than ``n_negatives`` neighbours).
-
-    Returns
-    -------
-    anchors, positives : ndarray of int64, shape (b,)
-    negatives : ndarray of int64, shape (b, n_negatives)
-    """
-    labels = np.asarray(labels)
-    ids, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    order = np.argsort(inverse, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    n = len(labels)
-    anchors = rng.choice(n, size=min(n_anchors, n), replace=n_anchors > n)
-    ca = inverse[anchors]
-    # positive: a different member when possible
-    off = rng.integers(0, np.maximum(counts[ca] - 1, 1))
-    # rank of the anchor within its cluster, so that the positive skips it
-    rank_in = np.empty(n, np.int64)
-    rank_in[order] = np.arange(n) - np.repeat(starts, counts)
-    pos_rank = np.where(counts[ca] > 1, off + (off >= rank_in[anchors]), 0)
-    positives = order[starts[ca] + pos_rank]
-    id_pos = {int(c): r for r, c in enumerate(ids)}
-    negatives = np.empty((len(anchors), n_negatives), np.int64)
-    n_ids = len(ids)
-    for t, (_a, r) in enumerate(zip(anchors, ca, strict=True)):
-        nbrs = [id_pos[c] for c in neighbour_clusters.get(int(ids[r]), []) if c in id_pos]
-        nbrs = nbrs[:n_negatives]
-        while len(nbrs) < n_negatives:
-            if n_ids == 1:
-                nbrs.append(r)
-                continue
-            other = int(rng.integers(0, n_ids - 1))
-            nbrs.append(other + (other >= r))
-        nb = np.asarray(nbrs)
-        picks = rng.integers(0, counts[nb])
-        negatives[t] = order[starts[nb] + picks]
-    return anchors.astype(np.int64), positives.astype(np.int64), negatives
-
-
-# ------------------------------------------------------------------------------------------
 # the recurrent process
 
 
-def normalize_embeddings(emb, kind: str = "l2"):
-    """Normalise a (n, d) tensor of embeddings.
-
-    ``"l2"``: each row to unit norm (the paper). ``"standard"``: centred on the rows' mean and
-    scaled so that the mean squared distance to that mean is 1. The triplet loss with
-    ``gamma > 1`` lowers by shrinking all distances whenever ``gamma d(a, p) > d(a, n)``, and
-    on the sphere a dominant constant direction does exactly that (the embedding collapses);
-    a set-level standardisation removes both the shift and the scale, so the loss can only be
-    lowered by rearranging the samples.
-    """
-    import torch.nn.functional as F
-
-    if kind == "l2":
-        return F.normalize(emb, dim=1)
-    if kind == "standard":
-        centred = emb - emb.mean(0, keepdim=True)
-        scale = centred.pow(2).sum(1).mean().clamp_min(1e-12).sqrt()
-        return centred / scale
-    raise ValueError(f"embedding_norm must be 'l2' or 'standard', got {kind!r}")
-
-
-def _embed_all(representation: Representation, batch_size: int, norm: str = "l2") -> np.ndarray:
+def _embed_all(representation: Representation, batch_size: int) -> np.ndarray:
+    """L2-normalised embeddings of all samples (float64), in batches of ``batch_size``."""
     import torch
+    import torch.nn.functional as F
 
     representation.train(False)
     with torch.inference_mode():
@@ -721,7 +599,7 @@ def _embed_all(representation: Representation, batch_size: int, norm: str = "l2"
             emb = torch.cat(parts)
         else:
             emb = representation.embed(None)
-        emb = normalize_embeddings(emb.double(), norm)
+        emb = F.normalize(emb.double(), dim=1)
     return emb.detach().cpu().numpy()
 
 
@@ -739,12 +617,15 @@ def run_jule(representation: Representation, *, n_clusters: int, unroll_rate: fl
              locality: float = 1.0, gamma: float = 2.0, margin: float = 0.2,
              learn: bool = True, n_iter_per_period: int = 20, lr: float = 0.01,
              momentum: float = 0.9, weight_decay: float = 5e-4, optimizer: str = "sgd",
-             batch_size: int = 256, triplets: str = "merges",
-             connectivity: np.ndarray | None = None, complete: bool = False,
-             rerun: bool = False, embedding_norm: str = "l2",
+             batch_size: int = 256, connectivity: np.ndarray | None = None,
+             complete: bool = False, rerun: bool = False,
              embed_batch_size: int = 4096, seed: int = 0, progress: bool = False,
              callback: Callable | None = None) -> JuleResult:
     """Run JULE: periods of GDL agglomeration alternating with representation updates.
+
+    The defaults are the paper's settings (the image-clustering benchmark uses them); the
+    segmentation method ``jule`` passes its own (:class:`methods.jule.segmentation.Learning`).
+    Embeddings are L2-normalised before the graph and the loss, as in the paper.
 
     Parameters
     ----------
@@ -774,21 +655,15 @@ def run_jule(representation: Representation, *, n_clusters: int, unroll_rate: fl
         The paper uses SGD; Adam (not in the paper) moves a randomly initialised network, whose
         embeddings start nearly collinear, much faster.
     batch_size : int
-        Anchors per iteration.
-    triplets : {"merges", "clusters"}
-        ``"merges"`` (the paper): triplets from the merges of the period, anchor in the merged
-        cluster ``C_i``, positive in its partner ``N_1``, negatives in ``N_2 .. N_Kc``.
-        ``"clusters"``: anchor and positive from one end-of-period cluster, negatives from its
-        ``K_c - 1`` most affine clusters.
+        Anchors per iteration; the triplets come from the merges of the period (the paper's):
+        anchor in the merged cluster ``C_i``, positive in its partner ``N_1``, negatives in
+        ``N_2 .. N_Kc``.
     connectivity : ndarray (m, 2), optional
         Sample pairs that touch: merges are restricted to touching clusters and these pairs
         join the affinity graph.
     complete : bool
         After reaching ``n_clusters``, keep merging (no more learning) until nothing can merge,
         so that the dendrogram is a full hierarchy.
-    embedding_norm : {"l2", "standard"}
-        How embeddings are normalised before the graph and the loss
-        (:func:`normalize_embeddings`; the paper: "l2").
     rerun : bool
         After learning, cluster again from a fresh initial over-clustering of the learned
         embeddings (the paper's "JULE-RC" variant); the returned dendrogram is that pass.
@@ -814,7 +689,7 @@ def run_jule(representation: Representation, *, n_clusters: int, unroll_rate: fl
         raise ValueError("no samples to cluster")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    emb = _embed_all(representation, embed_batch_size, embedding_norm)
+    emb = _embed_all(representation, embed_batch_size)
     labels0 = initial_clusters(emb, connectivity=connectivity)
     c0 = int(labels0.max()) + 1
     capacity = 2 * c0 + 1
@@ -824,8 +699,6 @@ def run_jule(representation: Representation, *, n_clusters: int, unroll_rate: fl
     labels = labels0.copy()
     history = []
     targets = _period_targets(c0, int(n_clusters), float(unroll_rate))
-    if triplets not in ("merges", "clusters"):
-        raise ValueError(f"triplets must be 'merges' or 'clusters', got {triplets!r}")
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     opt = None
@@ -872,16 +745,12 @@ def run_jule(representation: Representation, *, n_clusters: int, unroll_rate: fl
         last = p == len(targets) - 1 or state.n_clusters <= n_clusters
         if learn and not last and n_iter_per_period > 0:
             opt = opt or make_optimizer()
-            if triplets == "merges":
-                sampler = _MergeTripletSampler(records, members, labels, k_clusters - 1)
-            else:
-                neighbours = {c: state.top_neighbours(c, k_clusters - 1) for c in state.size}
-                sampler = _ClusterTripletSampler(labels, neighbours, k_clusters - 1)
+            sampler = _MergeTripletSampler(records, members, labels, k_clusters - 1)
             entry["loss"] = _update_representation(
                 representation, opt, sampler, rng=rng, n_iter=n_iter_per_period,
                 batch_size=batch_size, gamma=gamma, margin=margin,
-                weight=locality / (k_clusters - 1), norm=embedding_norm)
-            emb = _embed_all(representation, embed_batch_size, embedding_norm)
+                weight=locality / (k_clusters - 1))
+            emb = _embed_all(representation, embed_batch_size)
             state = build_state(emb, labels)
         del members, records
         history.append(entry)
@@ -925,206 +794,3 @@ def run_jule(representation: Representation, *, n_clusters: int, unroll_rate: fl
     history.append({"merges_to_n_clusters": n_learned, "merges_total": len(merges),
                     "rerun": bool(rerun and learned_any)})
     return JuleResult(labels=out_labels, dendrogram=dendro, embeddings=emb, history=history)
-
-
-class _Optimizer:
-    """Plain SGD-with-momentum / Adam steps (the torch.optim update rules, L2 weight decay).
-
-    Written here because constructing any ``torch.optim`` optimiser imports ``torch._dynamo``,
-    which takes 5-12 s on this 2-core machine: more than a whole per-image JULE run.
-    """
-
-    def __init__(self, params, *, kind: str, lr: float, momentum: float = 0.9,
-                 weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
-        import torch
-
-        self.params = [p for p in params if p.requires_grad]
-        self.kind, self.lr, self.momentum = kind, float(lr), float(momentum)
-        self.weight_decay, self.betas, self.eps = float(weight_decay), betas, float(eps)
-        self.state = [[torch.zeros_like(p), torch.zeros_like(p)] for p in self.params]
-        self.t = 0
-
-    def zero_grad(self, set_to_none: bool = True):
-        for p in self.params:
-            p.grad = None
-
-    def step(self):
-        import torch
-
-        self.t += 1
-        b1, b2 = self.betas
-        with torch.no_grad():
-            for p, (m, v) in zip(self.params, self.state, strict=True):
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if self.weight_decay:
-                    g = g.add(p, alpha=self.weight_decay)
-                if self.kind == "sgd":
-                    if self.t > 1:
-                        m.mul_(self.momentum).add_(g)
-                    else:
-                        m.copy_(g)
-                    p.add_(m, alpha=-self.lr)
-                else:
-                    m.mul_(b1).add_(g, alpha=1 - b1)
-                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                    step = self.lr / (1 - b1 ** self.t)
-                    denom = (v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
-                    p.addcdiv_(m, denom, value=-step)
-
-
-class _MemberIndex:
-    """Sample indices of the clusters that exist during one period (created lazily)."""
-
-    def __init__(self, labels: np.ndarray):
-        ids, inverse = np.unique(labels, return_inverse=True)
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=len(ids)))])
-        self._members = {int(c): order[bounds[r]:bounds[r + 1]] for r, c in enumerate(ids)}
-
-    def merged(self, a: int, b: int, c: int) -> None:
-        self._members[c] = np.concatenate([self._members[a], self._members[b]])
-
-    def __getitem__(self, cid: int) -> np.ndarray:
-        return self._members[cid]
-
-
-class _MergeTripletSampler:
-    """The paper's triplets: for a merge ``t`` of the period (``C_i`` into its nearest cluster
-    ``N_1``): anchor from ``C_i``, positive from ``N_1``, negatives from ``N_2 .. N_Kc``
-    (as they were at time ``t``). Missing negatives (fewer neighbours) are drawn from the
-    samples of other clusters at the end of the period."""
-
-    def __init__(self, records, members, labels, n_negatives):
-        self.records = records
-        self.members = members
-        self.labels = labels
-        self.n_negatives = n_negatives
-
-    def __call__(self, n_anchors: int, rng: np.random.Generator):
-        n = len(self.labels)
-        pick = rng.integers(0, len(self.records), size=n_anchors)
-        anchors = np.empty(n_anchors, np.int64)
-        positives = np.empty(n_anchors, np.int64)
-        negatives = np.empty((n_anchors, self.n_negatives), np.int64)
-        for t, r in enumerate(pick):
-            i, j, nbrs = self.records[r]
-            mi, mj = self.members[i], self.members[j]
-            anchors[t] = mi[rng.integers(len(mi))]
-            positives[t] = mj[rng.integers(len(mj))]
-            for k in range(self.n_negatives):
-                if k < len(nbrs):
-                    mk = self.members[nbrs[k]]
-                    negatives[t, k] = mk[rng.integers(len(mk))]
-                else:
-                    cand = int(rng.integers(n))
-                    for _ in range(8):  # a sample of another (end-of-period) cluster
-                        if self.labels[cand] != self.labels[anchors[t]]:
-                            break
-                        cand = int(rng.integers(n))
-                    negatives[t, k] = cand
-        return anchors, positives, negatives
-
-
-class _ClusterTripletSampler:
-    """Triplets from the clusters at the end of the period (see :func:`sample_triplets`)."""
-
-    def __init__(self, labels, neighbours, n_negatives):
-        self.labels = labels
-        self.neighbours = neighbours
-        self.n_negatives = n_negatives
-
-    def __call__(self, n_anchors: int, rng: np.random.Generator):
-        return sample_triplets(self.labels, self.neighbours, n_anchors, self.n_negatives, rng)
-
-
-def _update_representation(representation, optimizer, sampler, *, rng, n_iter, batch_size,
-                           gamma, margin, weight, norm="l2") -> float:
-    import torch
-
-    representation.train(True)
-    losses = []
-    for _ in range(int(n_iter)):
-        a, p, ng = sampler(batch_size, rng)
-        n_negatives = ng.shape[1]
-        idx = np.concatenate([a, p, ng.ravel()])
-        uniq, inv = np.unique(idx, return_inverse=True)
-        emb = normalize_embeddings(representation.embed(torch.from_numpy(uniq)), norm)
-        e = emb[torch.from_numpy(inv)]
-        b = len(a)
-        loss = weighted_triplet_loss(e[:b], e[b:2 * b], e[2 * b:].reshape(b, n_negatives, -1),
-                                     gamma=gamma, margin=margin, weight=weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    representation.train(False)
-    return float(np.mean(losses)) if losses else 0.0
-
-
-class TensorRepresentation(Representation):
-    """Samples given as one tensor (images or vectors), embedded by ``module`` batch by batch.
-
-    Parameters
-    ----------
-    inputs : Tensor, shape (n, ...)
-    module : torch.nn.Module
-        Maps a batch of inputs to (b, d) embeddings.
-    """
-
-    def __init__(self, inputs, module):
-        self.inputs = inputs
-        self.module = module
-        self.n_samples = int(inputs.shape[0])
-
-    def embed(self, indices=None):
-        x = self.inputs if indices is None else self.inputs[indices]
-        return self.module(x)
-
-
-def small_convnet(in_channels: int, out_dim: int = 160, *, width: int = 32,
-                  input_size: int = 8):
-    """A small CNN for tiny images (e.g. 8x8 digits): two conv-ReLU blocks, a 2x2 max-pool,
-    a conv block and a linear layer to ``out_dim`` (JULE's MNIST/USPS nets end with a
-    160-d embedding that is L2-normalised before the affinity)."""
-    import torch.nn as nn
-
-    side = input_size // 2
-    return nn.Sequential(
-        nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Flatten(),
-        nn.Linear(2 * width * side * side, out_dim),
-    )
-
-
-def residual_mlp(in_dim: int, out_dim: int | None = None, *, hidden: int = 256):
-    """An embedding that starts as a distance-preserving map of its input and learns from there.
-
-    ``f(x) = Q x + V relu(U x)`` with ``Q`` (out x in) orthonormal-initialised (so the initial
-    embedding keeps the input's geometry: JULE's affinity on the raw vectors) and ``V``
-    zero-initialised; both ``Q`` and the residual branch are learned.
-    """
-    import torch
-    import torch.nn as nn
-
-    out_dim = int(out_dim or in_dim)
-
-    class _ResidualMLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(in_dim, out_dim, bias=False)
-            nn.init.orthogonal_(self.linear.weight)
-            self.hidden = nn.Linear(in_dim, hidden)
-            self.out = nn.Linear(hidden, out_dim)
-            nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
-
-        def forward(self, x):
-            x = x.flatten(1)
-            return self.linear(x) + self.out(torch.relu(self.hidden(x)))
-
-    return _ResidualMLP()
