@@ -3,14 +3,14 @@
 Features are the multi-scale, L2-normalised EfficientNet-Lite features of
 :mod:`unsup.features` (or, with ``features="color"``, CIELAB colour + position only: the
 classical baseline run through the same machinery), optionally with weighted colour and
-position channels appended, optionally pooled per superpixel, optionally PCA-reduced.
+position channels appended.
 
 - ``scope="image"``: each image is clustered on its own (nothing to fit); ``n_clusters`` can
   be ``"auto"`` (or 0): the k in ``2..max_clusters`` with the best mean silhouette on a sample
   of the image's feature vectors.
 - ``scope="dataset"``: ``fit`` streams the dataset, keeps ``samples_per_image`` random feature
-  vectors per image (and at most ``max_samples`` overall, by reservoir sampling), fits the PCA
-  and the centroids once; ``predict`` gives every pixel its nearest centroid, so a cluster id
+  vectors per image (and at most ``max_samples`` overall, by reservoir sampling) and fits the
+  centroids once; ``predict`` gives every pixel its nearest centroid, so a cluster id
   means the same thing in every image.
 
 Scores (for the dense CRF) are ``softmax(-d^2 / (temperature * s))`` over the centroids, with
@@ -18,6 +18,9 @@ Scores (for the dense CRF) are ``softmax(-d^2 / (temperature * s))`` over the ce
 to their nearest centroid, so ``temperature`` is unit-free and works for any feature type.
 Distances are computed on the feature grid (stride ``feature_stride``) and bilinearly
 upsampled to the image before the argmin, so labels follow the features' sub-cell geometry.
+
+Options tried and not adopted (their results are in docs/benchmarks/kmeans.md) were removed
+after commit 208f86e.
 """
 
 from __future__ import annotations
@@ -30,13 +33,8 @@ from unsup.base import Segmentation, SegmentationMethod, check_image
 from unsup.clustering import (
     ClusteringError,
     Reservoir,
-    assign,
     choose_n_clusters,
     fit_kmeans,
-    fit_pca,
-    group_distances,
-    merge_centroids,
-    pca_transform,
     softmax_scores,
     squared_distances,
 )
@@ -48,7 +46,6 @@ from unsup.features import (
     resized_shape,
 )
 from unsup.registry import register
-from unsup.superpixels import compute_superpixels
 
 _AUTO = ("auto", 0, None)
 
@@ -72,56 +69,12 @@ def _cell_positions(stride: int, grid: tuple[int, int], extent: int) -> np.ndarr
     return np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1)
 
 
-def _pool_per_superpixel(values: np.ndarray, pixel_cell: np.ndarray,
-                         superpixels: np.ndarray) -> np.ndarray:
-    """Mean over each superpixel's pixels of the value of the grid cell under the pixel.
-
-    ``values`` (n_cells, D), ``pixel_cell`` and ``superpixels`` (H, W). A sparse
-    (superpixel x cell) pixel-count matrix times the cell values does it in one product
-    without materialising per-pixel features (H * W * D floats).
-    """
-    from scipy import sparse
-
-    n_sp = int(superpixels.max()) + 1
-    counts = sparse.csr_matrix(
-        (np.ones(superpixels.size, np.float32), (superpixels.ravel(), pixel_cell.ravel())),
-        shape=(n_sp, values.shape[0]),
-    )
-    sums = counts @ values
-    size = np.asarray(counts.sum(axis=1), dtype=np.float32)
-    return (sums / np.maximum(size, 1.0)).astype(np.float32)
-
-
-def _equal_shares(sizes: np.ndarray, total: int) -> np.ndarray:
-    """Split ``total`` draws as evenly as possible over groups of the given ``sizes``.
-
-    Water-filling: groups smaller than an equal share give all their members and the rest is
-    shared among the larger ones. Requires ``total <= sizes.sum()``.
-    """
-    quota = np.zeros(len(sizes), np.int64)
-    remaining = int(total)
-    order = np.argsort(sizes, kind="stable")
-    for i, g in enumerate(order):
-        share = remaining // (len(order) - i)
-        quota[g] = min(int(sizes[g]), share)
-        remaining -= quota[g]
-    # integer division can leave a few draws over: give them to groups with room
-    for g in order[::-1]:
-        if remaining == 0:
-            break
-        extra = min(remaining, int(sizes[g] - quota[g]))
-        quota[g] += extra
-        remaining -= extra
-    return quota
-
-
 class _Rows:
-    """Feature rows of one image and how they map back to its pixels."""
+    """Feature rows (one per grid cell) of one image and the grid they map back through."""
 
-    def __init__(self, rows, grid: DenseFeatures | None, superpixels: np.ndarray | None):
+    def __init__(self, rows, grid: DenseFeatures):
         self.rows = rows
         self.grid = grid
-        self.superpixels = superpixels
 
 
 @register
@@ -153,56 +106,19 @@ class KMeansSegmentation(SegmentationMethod):
         Resolution of the feature grid clustered (cells of this many pixels).
     max_side : int, optional
         Images larger than this (longer side) are downscaled before feature extraction.
-    image_scale : float
-        Resize images by this factor before feature extraction (2 = finer deep features for
-        small images, 4x the backbone cost); ``max_side`` still caps the result.
-    pca_dim : int
-        Reduce features to this many principal components before k-means (0 = off).
-    whiten : bool
-        With ``pca_dim``: divide each principal component by its standard deviation (on the
-        fitted samples), so every retained direction weighs the same in the distances
-        (on CamVid this hurt: noisy low-variance directions gain as much weight as the
-        informative ones).
-    l2_normalize : bool
-        L2-normalise the vectors after the PCA (centring, optional whitening), so k-means
-        compares directions of the centred features (cosine geometry, as spherical k-means)
-        instead of being dominated by the mean feature all pixels share.
     color_weight : float
         Weight of CIELAB channels (L, a, b divided by 100) appended to backbone features.
         Ignored with ``features="color"``, where the colour *is* the feature (weight 1).
     position_weight : float
         Weight of (y, x) / longer side channels appended to the features.
-    superpixels : {None, "slic", "felzenszwalb"}
-        Pool features per superpixel and cluster superpixels instead of grid cells (labels
-        then follow superpixel boundaries).
-    n_segments : int
-        Number of SLIC superpixels.
     max_clusters : int
         Upper end of the search for ``n_clusters="auto"``.
     samples_per_image : int
         Feature vectors sampled per image by the dataset-level ``fit``.
-    sampling : {"uniform", "balanced"}
-        How ``fit`` picks an image's ``samples_per_image`` vectors: uniformly at random, or
-        spread evenly over the image's appearance modes (its vectors are grouped by a small
-        k-means of ``sampling_clusters`` clusters and every group contributes the same number,
-        small groups all they have). Balanced sampling flattens the sample's density, so a
-        large uniform region (road, sky) cannot claim most centroids and rarer, smaller
-        things (poles, signs, people) get a chance at their own cluster. On CamVid it did
-        not raise the mIoU (within the seed noise; docs/benchmarks/kmeans.md, Session 3).
-    sampling_clusters : int
-        Groups per image for ``sampling="balanced"``.
     max_samples : int
         Cap of the total sample (reservoir), and of the vectors one image is fitted on.
     n_iter, n_init : int
         Lloyd iterations and restarts (best objective kept) of faiss k-means.
-    overcluster : float
-        1 (default): k-means with ``n_clusters`` centroids. Above 1: fit
-        ``round(overcluster * n_clusters)`` centroids and merge them into ``n_clusters``
-        groups by average-linkage clustering of their directions
-        (:func:`unsup.clustering.merge_centroids`); a pixel takes the group of its nearest
-        centroid. Few centroids go to the varied appearance of large regions and leave small
-        things without one; merging similar centroids of a larger set keeps distinct small
-        modes apart.
     temperature : float, optional
         Score sharpness, relative to the mean squared distance to the nearest centroid.
         None (default): 0.5 for ``scope="dataset"`` with ``features="backbone"``, else 1.
@@ -225,14 +141,9 @@ class KMeansSegmentation(SegmentationMethod):
                  features: str = "backbone", backbone: str = "efficientnet-lite0",
                  weights_path: str | None = None, strides=None,
                  feature_stride: int = 4, max_side: int | None = None,
-                 image_scale: float = 1.0, pca_dim: int = 0, whiten: bool = False,
-                 l2_normalize: bool = False,
                  color_weight: float = 0.0, position_weight: float = 0.0,
-                 superpixels: str | None = None, n_segments: int = 800,
                  max_clusters: int = 10, samples_per_image: int = 2000,
-                 sampling: str = "uniform", sampling_clusters: int = 16,
                  max_samples: int = 200_000, n_iter: int = 30, n_init: int = 3,
-                 overcluster: float = 1.0,
                  temperature: float | None = None, cache_dir: str | None = None, seed: int = 0):
         self.scope = scope
         self.n_clusters = n_clusters
@@ -242,22 +153,13 @@ class KMeansSegmentation(SegmentationMethod):
         self.strides = strides
         self.feature_stride = feature_stride
         self.max_side = max_side
-        self.image_scale = image_scale
-        self.pca_dim = pca_dim
-        self.whiten = whiten
-        self.l2_normalize = l2_normalize
         self.color_weight = color_weight
         self.position_weight = position_weight
-        self.superpixels = superpixels
-        self.n_segments = n_segments
         self.max_clusters = max_clusters
         self.samples_per_image = samples_per_image
-        self.sampling = sampling
-        self.sampling_clusters = sampling_clusters
         self.max_samples = max_samples
         self.n_iter = n_iter
         self.n_init = n_init
-        self.overcluster = overcluster
         self.temperature = temperature
         self.cache_dir = cache_dir
         self.seed = seed
@@ -276,30 +178,16 @@ class KMeansSegmentation(SegmentationMethod):
             raise ValueError(f"scope must be 'image' or 'dataset', got {self.scope!r}")
         if self.features not in ("backbone", "color"):
             raise ValueError(f"features must be 'backbone' or 'color', got {self.features!r}")
-        if self.superpixels not in (None, "", "none", "slic", "felzenszwalb"):
-            raise ValueError(f"superpixels must be None, 'slic' or 'felzenszwalb', "
-                             f"got {self.superpixels!r}")
         k = self._fixed_k()
         if k is not None and k < 1:
             raise ValueError(f"n_clusters must be >= 1 (or 'auto'), got {self.n_clusters}")
         if k is None and int(self.max_clusters) < 2:
             raise ValueError(f"max_clusters must be >= 2, got {self.max_clusters}")
-        if self.sampling not in ("uniform", "balanced"):
-            raise ValueError(f"sampling must be 'uniform' or 'balanced', got {self.sampling!r}")
-        for name in ("samples_per_image", "max_samples", "n_iter", "n_init", "feature_stride",
-                     "sampling_clusters"):
+        for name in ("samples_per_image", "max_samples", "n_iter", "n_init", "feature_stride"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if int(self.pca_dim) < 0:
-            raise ValueError(f"pca_dim must be >= 0, got {self.pca_dim}")
-        if self.whiten and not int(self.pca_dim):
-            raise ValueError("whiten=True needs pca_dim > 0 (whitening acts on the principal "
-                             "components)")
         if float(self.color_weight) < 0 or float(self.position_weight) < 0:
             raise ValueError("color_weight and position_weight must be >= 0")
-        if not float(self.overcluster) >= 1:
-            raise ValueError(f"overcluster must be >= 1 (a multiple of n_clusters), got "
-                             f"{self.overcluster}")
         if self.temperature is not None and not float(self.temperature) > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
@@ -318,13 +206,12 @@ class KMeansSegmentation(SegmentationMethod):
         """The extractor (or cache) for the current parameters, built once and reused."""
         strides = self._strides()
         key = (self.backbone, self.weights_path, strides, int(self.feature_stride),
-               self.max_side, float(self.image_scale), self.cache_dir)
+               self.max_side, self.cache_dir)
         source = getattr(self, "_source", None)
         if source is None or source[0] != key:
             extractor = DenseFeatureExtractor(
                 self.backbone, strides=strides, output_stride=int(self.feature_stride),
-                max_side=self.max_side, scale=float(self.image_scale),
-                weights_path=self.weights_path)
+                max_side=self.max_side, weights_path=self.weights_path)
             cache = FeatureCache(self.cache_dir, extractor) if self.cache_dir else None
             self._source = (key, extractor, cache)
         return self._source[1], self._source[2]
@@ -335,7 +222,6 @@ class KMeansSegmentation(SegmentationMethod):
             out = []
             for image in images:
                 shape = image.shape[:2]
-                # colour is used at pixel resolution: image_scale does not apply
                 rh, rw = resized_shape(shape, self.max_side)
                 small = resize_image(image, (rh, rw))
                 parts = [_cell_colors(small, 1, (rh, rw)) / 100.0]
@@ -365,18 +251,9 @@ class KMeansSegmentation(SegmentationMethod):
         return out
 
     def _rows(self, images: list[np.ndarray]) -> list[_Rows]:
-        """Feature rows (cells, or superpixels) of several images."""
-        result = []
-        for image, grid in zip(images, self._grids(images), strict=True):
-            flat = grid.features.reshape(-1, grid.features.shape[-1])
-            if self.superpixels in (None, "", "none"):
-                result.append(_Rows(flat, grid, None))
-                continue
-            sp = compute_superpixels(image, method=self.superpixels,
-                                     n_segments=int(self.n_segments))
-            pooled = _pool_per_superpixel(flat, grid.pixel_to_cell(), sp)
-            result.append(_Rows(pooled, grid, sp))
-        return result
+        """Feature rows (one per grid cell) of several images."""
+        return [_Rows(grid.features.reshape(-1, grid.features.shape[-1]), grid)
+                for grid in self._grids(images)]
 
     def _fixed_k(self) -> int | None:
         """``n_clusters`` as an int, or None for automatic selection."""
@@ -399,46 +276,10 @@ class KMeansSegmentation(SegmentationMethod):
             raise ClusteringError(
                 f"n_clusters={k} exceeds the number of feature vectors ({rows.shape[0]}) of "
                 f"{what}; lower n_clusters"
-                + (", feature_stride or n_segments" if self.scope == "image" else
+                + (" or feature_stride" if self.scope == "image" else
                    " or raise samples_per_image / use more images")
             )
         return k, {}
-
-    # -- projection -----------------------------------------------------------------------------
-    def _fit_projection(self, data: np.ndarray, pca_dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """PCA (mean, components) of ``data``; with ``whiten`` each component row is divided
-        by the standard deviation along it, so the projection itself whitens."""
-        mean, components = fit_pca(data, pca_dim)
-        if self.whiten:
-            std = pca_transform(data, mean, components).std(axis=0)
-            components = components / np.maximum(std, 1e-6)[:, None]
-        return mean, np.ascontiguousarray(components, dtype=np.float32)
-
-    def _project(self, rows: np.ndarray, mean, components) -> np.ndarray:
-        """Rows in the space k-means works in: PCA projection, then optional L2 norm."""
-        rows = np.asarray(rows, dtype=np.float32)
-        if components is not None:
-            rows = pca_transform(rows, mean, components)
-        if self.l2_normalize:
-            norm = np.linalg.norm(rows, axis=1, keepdims=True)
-            rows = rows / np.maximum(norm, 1e-12)
-        return rows
-
-    def _sample_rows(self, rows, size: int, rng: np.random.Generator) -> np.ndarray:
-        """Sorted indices of the ``size`` rows of one image that ``fit`` keeps."""
-        n = rows.shape[0]
-        if self.sampling == "uniform":
-            return np.sort(rng.choice(n, min(size, n), replace=False))
-        if size >= n:
-            return np.arange(n)
-        x = np.asarray(rows, dtype=np.float32)
-        k = min(int(self.sampling_clusters), n)
-        centroids = fit_kmeans(x, k, n_iter=10, n_init=1, seed=int(rng.integers(2**31 - 1)))
-        groups = assign(x, centroids)
-        quota = _equal_shares(np.bincount(groups, minlength=k), size)
-        picks = [rng.choice(np.flatnonzero(groups == g), quota[g], replace=False)
-                 for g in range(k) if quota[g]]
-        return np.sort(np.concatenate(picks))
 
     # -- dataset-level fit ------------------------------------------------------------------
     def fit(self, samples, *, progress: bool = False):
@@ -463,7 +304,8 @@ class KMeansSegmentation(SegmentationMethod):
 
         def consume(images):
             for r in self._rows(images):
-                pick = self._sample_rows(r.rows, int(self.samples_per_image), rng)
+                n, size = r.rows.shape[0], int(self.samples_per_image)
+                pick = np.sort(rng.choice(n, min(size, n), replace=False))
                 reservoir.add(np.asarray(r.rows[pick], dtype=np.float32))
             bar.update(len(images))
 
@@ -480,43 +322,19 @@ class KMeansSegmentation(SegmentationMethod):
         if n_images == 0:
             raise ValueError("kmeans fit: the sample stream is empty")
         data = reservoir.array(np.float32)
-        pca_dim = int(self.pca_dim)
-        if pca_dim:
-            if pca_dim > data.shape[1]:
-                raise ValueError(f"pca_dim={pca_dim} exceeds the feature width {data.shape[1]}")
-            mean, components = self._fit_projection(data, pca_dim)
-            data = self._project(data, mean, components)
-        else:
-            mean = np.zeros(0, np.float32)
-            components = np.zeros((0, data.shape[1]), np.float32)
-            data = self._project(data, None, None)
         what = f"the {data.shape[0]} vectors sampled from {n_images} image(s)"
         k, info = self._k_for(data, what)
-        centroids, groups = self._fit_centroids(data, k, what)
+        centroids = self._fit_centroids(data, k)
         self.centroids_ = centroids
-        self.groups_ = groups
-        self.pca_mean_ = mean
-        self.pca_components_ = components
         self.scale_ = float(max(squared_distances(data, centroids).min(axis=1).mean(), 1e-12))
         self.n_features_in_ = int(data.shape[1])
         self.fit_info_ = {"n_images": n_images, "n_samples": int(data.shape[0]),
                           "n_clusters": k, **info}
-        if centroids.shape[0] > k:
-            self.fit_info_["n_centroids"] = int(centroids.shape[0])
         return self
 
-    def _fit_centroids(self, rows: np.ndarray, k: int, what: str):
-        """Centroids and their group (cluster id) each: k centroids in k groups, or
-        ``round(overcluster * k)`` centroids merged into k groups."""
-        n_fit = max(k, int(round(float(self.overcluster) * k)))
-        if n_fit > rows.shape[0]:
-            raise ClusteringError(f"overcluster={self.overcluster} asks for {n_fit} centroids, "
-                                  f"more than the {rows.shape[0]} feature vectors of {what}; "
-                                  "lower overcluster")
-        centroids = fit_kmeans(rows, n_fit, n_iter=int(self.n_iter), n_init=int(self.n_init),
-                               seed=int(self.seed))
-        groups = merge_centroids(centroids, k) if n_fit > k else np.arange(k, dtype=np.int64)
-        return centroids, groups
+    def _fit_centroids(self, rows: np.ndarray, k: int) -> np.ndarray:
+        return fit_kmeans(rows, k, n_iter=int(self.n_iter), n_init=int(self.n_init),
+                          seed=int(self.seed))
 
     # -- prediction -------------------------------------------------------------------------
     def predict(self, image) -> Segmentation:
@@ -526,74 +344,43 @@ class KMeansSegmentation(SegmentationMethod):
         r = self._rows([image])[0]
         rows = np.asarray(r.rows, dtype=np.float32)
         info: dict = {"feature_grid": list(r.grid.grid_shape), "feature_dim": int(rows.shape[1])}
-        if r.superpixels is not None:
-            info["n_superpixels"] = int(rows.shape[0])
         if self.scope == "dataset":
-            if self.pca_components_.size:
-                rows = self._project(rows, self.pca_mean_, self.pca_components_)
-            else:
-                rows = self._project(rows, None, None)
             if rows.shape[1] != self.centroids_.shape[1]:
                 raise ValueError(f"features have width {rows.shape[1]} but the centroids "
                                  f"{self.centroids_.shape[1]}: parameters changed after fit?")
-            centroids, groups, scale = self.centroids_, self.groups_, self.scale_
+            centroids, scale = self.centroids_, self.scale_
         else:
             rng = np.random.default_rng(int(self.seed))
             fit_rows = rows
             if rows.shape[0] > int(self.max_samples):
                 fit_rows = rows[np.sort(rng.choice(rows.shape[0], int(self.max_samples),
                                                    replace=False))]
-            mean = components = None
-            if int(self.pca_dim):
-                pca_dim = min(int(self.pca_dim), rows.shape[1])
-                mean, components = self._fit_projection(fit_rows, pca_dim)
-            rows = self._project(rows, mean, components)
-            fit_rows = self._project(fit_rows, mean, components)
             h, w = image.shape[:2]
-            what = f"this {w}x{h} image"
-            k, extra = self._k_for(fit_rows, what)
+            k, extra = self._k_for(fit_rows, f"this {w}x{h} image")
             info.update(extra)
-            centroids, groups = self._fit_centroids(fit_rows, k, what)
+            centroids = self._fit_centroids(fit_rows, k)
             scale = float(max(squared_distances(fit_rows, centroids).min(axis=1).mean(), 1e-12))
-        info["n_clusters"] = int(groups.max()) + 1
-        d2 = squared_distances(rows, centroids)
-        if centroids.shape[0] > info["n_clusters"]:
-            info["n_centroids"] = int(centroids.shape[0])
-            d2 = group_distances(d2, groups)
-        return self._paint(d2, scale, r, info)
+        info["n_clusters"] = int(centroids.shape[0])
+        return self._paint(squared_distances(rows, centroids), scale, r, info)
 
     def _paint(self, d2: np.ndarray, scale: float, r: _Rows, info: dict) -> Segmentation:
         k = d2.shape[1]
-        temperature = self._temperature() * scale
-        if r.superpixels is not None:
-            labels_sp = d2.argmin(axis=1).astype(np.int32)
-            scores_sp = softmax_scores(d2, temperature, axis=1)
-            labels = labels_sp[r.superpixels]
-            scores = scores_sp.T[:, r.superpixels]
-            return Segmentation(labels, scores=scores, info=info)
         gh, gw = r.grid.grid_shape
         maps = r.grid.to_pixels(d2.T.reshape(k, gh, gw))
         labels = maps.argmin(axis=0).astype(np.int32)
-        scores = softmax_scores(maps, temperature, axis=0)
+        scores = softmax_scores(maps, self._temperature() * scale, axis=0)
         return Segmentation(labels, scores=scores, info=info)
 
     # -- persistence ------------------------------------------------------------------------
     def _state_arrays(self) -> dict[str, np.ndarray]:
         if getattr(self, "centroids_", None) is None:
             return {}
-        return {"centroids_": self.centroids_, "pca_mean_": self.pca_mean_,
-                "pca_components_": self.pca_components_,
-                "scale_": np.asarray(self.scale_, dtype=np.float64), "groups_": self.groups_}
+        return {"centroids_": self.centroids_, "scale_": np.asarray(self.scale_, dtype=np.float64)}
 
     def _set_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        missing = {"centroids_", "pca_mean_", "pca_components_", "scale_"} - set(arrays)
+        missing = {"centroids_", "scale_"} - set(arrays)
         if missing:
             raise ValueError(f"saved kmeans model lacks {sorted(missing)}")
         self.centroids_ = np.ascontiguousarray(arrays["centroids_"], dtype=np.float32)
-        self.pca_mean_ = np.asarray(arrays["pca_mean_"], dtype=np.float32)
-        self.pca_components_ = np.asarray(arrays["pca_components_"], dtype=np.float32)
         self.scale_ = float(arrays["scale_"])
-        # models saved before over-clustering existed: one group per centroid
-        self.groups_ = (np.asarray(arrays["groups_"], dtype=np.int64) if "groups_" in arrays
-                        else np.arange(self.centroids_.shape[0], dtype=np.int64))
         self.n_features_in_ = int(self.centroids_.shape[1])

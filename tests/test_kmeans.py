@@ -15,10 +15,6 @@ from unsup.clustering import (  # noqa: E402
     assign,
     choose_n_clusters,
     fit_kmeans,
-    fit_pca,
-    group_distances,
-    merge_centroids,
-    pca_transform,
     softmax_scores,
     squared_distances,
 )
@@ -50,36 +46,6 @@ def test_fit_kmeans_recovers_blobs_and_is_deterministic():
     assert found == [(0, 0), (0, 10), (10, 0)]
 
 
-def test_merge_centroids_groups_by_direction_not_length():
-    rng = np.random.default_rng(0)
-    directions = np.eye(3, 8, dtype=np.float32)
-    # 4 centroids along each of 3 directions, with very different lengths, interleaved
-    bundle = np.tile(np.arange(3), 4)
-    lengths = rng.uniform(0.2, 3.0, size=bundle.size).astype(np.float32)
-    centroids = directions[bundle] * lengths[:, None] \
-        + rng.normal(0, 0.02, (bundle.size, 8)).astype(np.float32)
-    before = centroids.copy()
-    groups = merge_centroids(centroids, 3)
-    np.testing.assert_array_equal(centroids, before)
-    # the groups are the bundles, numbered by first occurrence (bundle ids happen to be too)
-    np.testing.assert_array_equal(groups, bundle)
-    np.testing.assert_array_equal(merge_centroids(centroids, 12), np.arange(12))
-    np.testing.assert_array_equal(merge_centroids(centroids, 1), np.zeros(12))
-    with pytest.raises(ClusteringError, match="cannot merge 12 centroids into 13"):
-        merge_centroids(centroids, 13)
-
-
-def test_group_distances_is_the_nearest_member():
-    rng = np.random.default_rng(1)
-    d2 = rng.uniform(0, 5, size=(50, 7)).astype(np.float32)
-    groups = np.array([0, 1, 0, 2, 1, 1, 2])
-    out = group_distances(d2, groups)
-    expected = np.stack([d2[:, groups == g].min(axis=1) for g in range(3)], axis=1)
-    np.testing.assert_array_equal(out, expected)
-    with pytest.raises(ClusteringError, match="groups has shape"):
-        group_distances(d2, groups[:-1])
-
-
 def test_fit_kmeans_errors():
     x, _ = _blobs(n_per=2)
     with pytest.raises(ClusteringError, match="cannot make 10 clusters from 6 points"):
@@ -105,21 +71,6 @@ def test_squared_distances_and_softmax():
     np.testing.assert_array_equal(p.argmax(axis=1), exact.argmin(axis=1))
     # larger temperature -> flatter
     assert softmax_scores(exact, 50.0).max() < p.max()
-
-
-def test_pca_finds_the_main_axis():
-    rng = np.random.default_rng(1)
-    direction = np.array([3.0, 4.0, 0.0]) / 5.0
-    x = (rng.normal(size=(500, 1)) * 10 * direction + rng.normal(size=(500, 3)) * 0.1
-         + np.array([5.0, -2.0, 1.0])).astype(np.float32)
-    mean, comps = fit_pca(x, 2)
-    np.testing.assert_allclose(mean, [5.0, -2.0, 1.0], atol=1.0)
-    np.testing.assert_allclose(comps @ comps.T, np.eye(2), atol=1e-5)
-    assert abs(comps[0] @ direction) > 0.999
-    z = pca_transform(x, mean, comps)
-    assert z.shape == (500, 2) and z[:, 0].var() > 100 * z[:, 1].var()
-    with pytest.raises(ClusteringError, match="n_components"):
-        fit_pca(x, 4)
 
 
 def test_reservoir_is_uniform_and_bounded():
@@ -183,13 +134,12 @@ def test_per_image_segments_flat_regions(features):
     np.testing.assert_array_equal(again.labels, seg.labels)  # deterministic
 
 
-def test_per_image_superpixels_and_auto_k():
+def test_per_image_auto_k():
     image, truth = _flat_regions_image()
-    method = create_method("kmeans", n_clusters="auto", features="color", max_clusters=6,
-                           superpixels="slic", n_segments=60)
+    method = create_method("kmeans", n_clusters="auto", features="color", max_clusters=6)
     seg = method.predict(image)
     assert seg.info["n_clusters"] == 3
-    assert "silhouette" in seg.info and seg.info["n_superpixels"] > 3
+    assert "silhouette" in seg.info
     assert adjusted_rand_score(truth.ravel(), seg.labels.ravel()) > 0.9
 
 
@@ -230,7 +180,7 @@ def test_dataset_level_labels_are_consistent_across_images(features, shape, kwar
 
 def test_save_load_roundtrip_gives_identical_labels(tmp_path):
     data = _consistent_dataset(3, (40, 48))
-    method = create_method("kmeans", scope="dataset", n_clusters=4, pca_dim=16,
+    method = create_method("kmeans", scope="dataset", n_clusters=4,
                            samples_per_image=300, color_weight=1.0, seed=7)
     method.fit(image for image, _ in data)
     method.save(tmp_path / "model")
@@ -243,44 +193,6 @@ def test_save_load_roundtrip_gives_identical_labels(tmp_path):
         a, b = method.predict(image), loaded.predict(image)
         np.testing.assert_array_equal(a.labels, b.labels)
         np.testing.assert_array_equal(a.scores, b.scores)
-
-
-def test_overcluster_merges_to_n_clusters_and_reloads(tmp_path):
-    data = _consistent_dataset(3, (40, 48))
-    method = create_method("kmeans", scope="dataset", n_clusters=4, features="color",
-                           overcluster=3, samples_per_image=300, seed=2)
-    method.fit(image for image, _ in data)
-    assert method.centroids_.shape[0] == 12 and method.fit_info_["n_centroids"] == 12
-    assert sorted(set(method.groups_.tolist())) == [0, 1, 2, 3]
-    method.save(tmp_path / "model")
-    loaded = load_method(tmp_path / "model")
-    for image, truth in data:
-        seg = method.predict(image)
-        assert seg.scores.shape == (4,) + truth.shape and seg.labels.max() < 4
-        np.testing.assert_allclose(seg.scores.sum(axis=0), 1.0, atol=1e-5)
-        assert seg.info["n_clusters"] == 4 and seg.info["n_centroids"] == 12
-        assert adjusted_rand_score(truth.ravel(), seg.labels.ravel()) > 0.85
-        np.testing.assert_array_equal(loaded.predict(image).labels, seg.labels)
-    with pytest.raises(ValueError, match="overcluster must be >= 1"):
-        create_method("kmeans", scope="dataset", n_clusters=4, overcluster=0.5).fit([])
-    with pytest.raises(ClusteringError, match="asks for 40 centroids, more than the 20"):
-        create_method("kmeans", scope="dataset", n_clusters=4, overcluster=10, features="color",
-                      samples_per_image=10).fit(image for image, _ in data[:2])
-
-
-def test_model_saved_before_overclustering_still_loads(tmp_path):
-    data = _consistent_dataset(2, (32, 40))
-    method = create_method("kmeans", scope="dataset", n_clusters=3, features="color",
-                           samples_per_image=200).fit(image for image, _ in data)
-    method.save(tmp_path / "model")
-    arrays_file = tmp_path / "model" / "arrays.npz"
-    with np.load(arrays_file) as saved:
-        old_state = {k: saved[k] for k in saved.files if k != "groups_"}
-    np.savez(arrays_file, **old_state)  # the file as written before `groups_` existed
-    loaded = load_method(tmp_path / "model")
-    np.testing.assert_array_equal(loaded.groups_, np.arange(3))
-    np.testing.assert_array_equal(loaded.predict(data[0][0]).labels,
-                                  method.predict(data[0][0]).labels)
 
 
 def test_dataset_level_errors():
@@ -337,55 +249,3 @@ def test_default_score_temperature_depends_on_scope_and_features():
     np.testing.assert_array_equal(a.scores, b.scores)
     np.testing.assert_array_equal(c.labels, d.labels)  # the temperature never moves labels
     assert c.scores.max(axis=0).mean() > d.scores.max(axis=0).mean()
-
-
-def test_whitened_and_normalised_projections():
-    # whitening: the fitted samples have zero mean and unit variance along every kept
-    # component; l2_normalize puts every projected vector on the unit sphere; both still
-    # separate the synthetic colours
-    data = _consistent_dataset(3, (40, 48))
-    images = [image for image, _ in data]
-    kwargs = dict(scope="dataset", n_clusters=4, features="color", pca_dim=3,
-                  samples_per_image=300, seed=1)
-    whitened = create_method("kmeans", whiten=True, **kwargs)
-    rows = np.concatenate([r.rows for r in whitened._rows(images)])
-    mean, components = whitened._fit_projection(rows, 3)
-    projected = whitened._project(rows, mean, components)
-    np.testing.assert_allclose(projected.std(axis=0), 1.0, rtol=1e-3)
-    np.testing.assert_allclose(projected.mean(axis=0), 0.0, atol=1e-4)
-    normalised = create_method("kmeans", l2_normalize=True, **kwargs)
-    unit = normalised._project(rows, *normalised._fit_projection(rows, 3))
-    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-5)
-    for method in (whitened, normalised):
-        method.fit(images)
-        for image, truth in data:
-            assert adjusted_rand_score(truth.ravel(), method.predict(image).labels.ravel()) > 0.9
-    # centroids of unit vectors lie inside the unit ball
-    assert (np.linalg.norm(normalised.centroids_, axis=1) <= 1.0 + 1e-5).all()
-    with pytest.raises(ValueError, match="whiten=True needs pca_dim"):
-        create_method("kmeans", scope="dataset", whiten=True).fit(images)
-
-
-def test_balanced_sampling_flattens_the_sample():
-    from methods.kmeans import _equal_shares
-
-    np.testing.assert_array_equal(_equal_shares(np.array([5, 100, 100, 3]), 40), [5, 16, 16, 3])
-    np.testing.assert_array_equal(_equal_shares(np.array([7, 8, 9]), 11), [3, 4, 4])
-    # an image that is 95% one colour: uniform sampling keeps ~5% of the rare colour,
-    # balanced sampling about half (two appearance modes, equal shares)
-    image = np.zeros((40, 50, 3), np.uint8)
-    image[...] = (30, 30, 200)
-    image[:2, :50] = (220, 40, 40)  # 100 of 2000 pixels
-    rare = np.zeros((40, 50), bool)
-    rare[:2] = True
-    shares = {}
-    for sampling in ("uniform", "balanced"):
-        method = create_method("kmeans", scope="dataset", features="color", n_clusters=2,
-                               sampling=sampling, sampling_clusters=2, samples_per_image=200)
-        rows = method._rows([image])[0].rows
-        pick = method._sample_rows(rows, 200, np.random.default_rng(0))
-        assert pick.size == 200 and np.unique(pick).size == 200
-        shares[sampling] = rare.ravel()[pick].mean()
-    assert shares["uniform"] < 0.15 and 0.4 <= shares["balanced"] <= 0.6
-    with pytest.raises(ValueError, match="sampling must be"):
-        create_method("kmeans", scope="dataset", sampling="stratified").fit([image])

@@ -1,4 +1,4 @@
-"""Generic clustering pieces: faiss k-means, nearest-centroid assignment, PCA, soft scores.
+"""Generic clustering pieces: faiss k-means, nearest-centroid assignment, soft scores.
 
 Shared by the ``kmeans`` method and other clustering-based methods. faiss does the k-means
 (multi-threaded BLAS distance computations, k-means++ initialisation, empty-cluster
@@ -63,11 +63,7 @@ __all__ = [
     "assign",
     "squared_distances",
     "softmax_scores",
-    "merge_centroids",
-    "group_distances",
     "first_occurrence_order",
-    "fit_pca",
-    "pca_transform",
     "choose_n_clusters",
     "Reservoir",
 ]
@@ -195,43 +191,6 @@ def assign(x, centroids) -> np.ndarray:
     return nearest[:, 0].astype(np.int64)
 
 
-def merge_centroids(centroids, n_clusters: int) -> np.ndarray:
-    """Group centroids into ``n_clusters`` groups by average-linkage clustering of their directions.
-
-    Over-clustering then merging: k-means with few clusters spends several centroids on the
-    appearance modes of large, varied regions (kinds of road, sky, building) and none on
-    small ones; fitting more centroids and merging the ones that point the same way (cosine
-    distance, average linkage: scikit-learn ``AgglomerativeClustering``) keeps distinct small
-    modes apart. Cosine rather than Euclidean distance because a centroid's length only says
-    how spread out its cluster is (docs/benchmarks/kmeans.md, session 8).
-
-    Parameters
-    ----------
-    centroids : array, shape (k, d)
-    n_clusters : int
-        Number of groups, ``1 <= n_clusters <= k``.
-
-    Returns
-    -------
-    groups : ndarray of int64, shape (k,)
-        Group of each centroid, numbered by first occurrence (group 0 holds centroid 0).
-    """
-    from sklearn.cluster import AgglomerativeClustering
-
-    c = _as_points(centroids, "centroids")
-    k = int(n_clusters)
-    if not 1 <= k <= c.shape[0]:
-        raise ClusteringError(f"cannot merge {c.shape[0]} centroids into {k} groups: need "
-                              f"1 <= n_clusters <= {c.shape[0]}")
-    if k == c.shape[0]:
-        return np.arange(k, dtype=np.int64)
-    if k == 1:
-        return np.zeros(c.shape[0], np.int64)
-    raw = AgglomerativeClustering(n_clusters=k, linkage="average",
-                                  metric="cosine").fit_predict(c.astype(np.float64))
-    return first_occurrence_order(raw)
-
-
 def first_occurrence_order(labels) -> np.ndarray:
     """Labels renumbered ``0..`` in order of their first occurrence (deterministic ids).
 
@@ -249,23 +208,6 @@ def first_occurrence_order(labels) -> np.ndarray:
     return rank[inverse.ravel()]
 
 
-def group_distances(sq_distances, groups) -> np.ndarray:
-    """Squared distance (n, g) of each point to the nearest centroid of every group.
-
-    ``sq_distances`` is (n, k) to the k centroids; ``groups`` (k,) maps each centroid to one of
-    ``g = groups.max() + 1`` groups (as from :func:`merge_centroids`).
-    """
-    d2 = np.asarray(sq_distances, dtype=np.float32)
-    groups = np.asarray(groups, dtype=np.int64)
-    if groups.shape != (d2.shape[-1],):
-        raise ClusteringError(f"groups has shape {groups.shape}, expected ({d2.shape[-1]},)")
-    n_groups = int(groups.max()) + 1
-    out = np.empty(d2.shape[:-1] + (n_groups,), np.float32)
-    for g in range(n_groups):
-        out[..., g] = d2[..., groups == g].min(axis=-1)
-    return out
-
-
 def softmax_scores(sq_distances, temperature: float, *, axis: int = -1) -> np.ndarray:
     """``softmax(-sq_distances / temperature)`` along ``axis``, float32, numerically stable."""
     if not temperature > 0:
@@ -275,54 +217,6 @@ def softmax_scores(sq_distances, temperature: float, *, axis: int = -1) -> np.nd
     prob = np.exp(logits)
     prob /= prob.sum(axis=axis, keepdims=True)
     return prob
-
-
-def fit_pca(x, n_components: int, *, chunk_size: int = 65536):
-    """Principal axes of points (n, d) from their covariance (numpy eigh, float64).
-
-    Exact and deterministic (each axis's sign is fixed so that its largest-magnitude
-    coordinate is positive), and the (mean, components) pair is plain arrays that save to npz;
-    faiss.PCAMatrix would add nothing for d of a few hundred.
-
-    Returns
-    -------
-    mean : ndarray of float32, shape (d,)
-    components : ndarray of float32, shape (n_components, d)
-        Rows are orthonormal axes by decreasing variance.
-    """
-    x = _as_points(x)
-    n, d = x.shape
-    m = int(n_components)
-    if not 1 <= m <= d:
-        raise ClusteringError(f"n_components must be in 1..{d} (the feature width), got {m}")
-    if n < 2:
-        raise ClusteringError(f"PCA needs at least 2 points, got {n}")
-    mean = x.mean(axis=0, dtype=np.float64)
-    cov = np.zeros((d, d))
-    with _blas_threads(float(n) * d * d):
-        for start in range(0, n, chunk_size):
-            block = x[start:start + chunk_size].astype(np.float64) - mean
-            cov += block.T @ block
-    cov /= n - 1
-    with _blas_threads(0):  # a d x d eigh with d of a few hundred: one thread is fastest
-        eigvals, eigvecs = np.linalg.eigh(cov)
-    order = np.argsort(eigvals)[::-1][:m]
-    components = eigvecs[:, order].T
-    flip = np.sign(components[np.arange(m), np.abs(components).argmax(axis=1)])
-    components *= flip[:, None]
-    return mean.astype(np.float32), np.ascontiguousarray(components, dtype=np.float32)
-
-
-def pca_transform(x, mean, components) -> np.ndarray:
-    """Project points (n, d) onto PCA axes: ``(x - mean) @ components.T`` -> (n, m) float32."""
-    x = _as_points(x)
-    mean = np.asarray(mean, dtype=np.float32)
-    components = np.asarray(components, dtype=np.float32)
-    if mean.shape != (x.shape[1],) or components.ndim != 2 or components.shape[1] != x.shape[1]:
-        raise ClusteringError(f"PCA of width {components.shape} / mean {mean.shape} does not "
-                              f"fit points with {x.shape[1]} features")
-    with _blas_threads(float(x.shape[0]) * components.size):
-        return (x - mean) @ components.T
 
 
 def choose_n_clusters(x, candidates: Sequence[int], *, seed: int = 0, n_iter: int = 20,
