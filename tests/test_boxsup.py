@@ -337,9 +337,32 @@ def test_unsup_train_max_minutes_stops_in_time(shapes_root, tmp_path):
     from unsup.training import load_checkpoint
 
     before = load_checkpoint(out / "checkpoint.pt")
+    stale = out / ".checkpoint.pt.k1ll3d.tmp"  # what a kill -9 during a save leaves
+    stale.write_bytes(b"\0" * 1024)
     assert main(args + ["--resume"]) == 0  # continues where the budget stopped it
     after = load_checkpoint(out / "checkpoint.pt")
     assert (after["epoch"], after["step"]) > (before["epoch"], before["step"])
+    assert not stale.exists()
+
+
+def test_resume_with_other_settings_names_the_difference(shapes_root, tmp_path, capsys):
+    from unsup.cli import main
+
+    out = tmp_path / "model"
+    args = ["train", "--method", "supervised", "--data",
+            f"masks:{shapes_root}/images:{shapes_root}/masks", "--out", str(out),
+            "--epochs", "500", "--max-minutes", "0.02", "--no-progress"]
+    args += [x for k, v in TINY.items() for x in ("-p", f"{k}={v}")]
+    assert main(args) == 0
+    capsys.readouterr()
+    other = [a if a != "decoder=fcn" else "decoder=unet" for a in args]
+    assert main(other + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "params.decoder: 'fcn' before, 'unet' now" in err and "Traceback" not in err
+    boxes = ["train", "--method", "boxsup", "--boxes-from-masks", "-p", "rounds=1",
+             *args[3:]]
+    assert main(boxes + ["--resume"]) == 2
+    assert "method: 'supervised' before, 'boxsup' now" in capsys.readouterr().err
 
 
 def test_unsup_train_errors(shapes_root, tmp_path, capsys):

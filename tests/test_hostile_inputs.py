@@ -345,3 +345,53 @@ def test_mat_prediction_with_nan_is_refused(tmp_path, capsys, protocol):
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err
     assert "img0.mat: segs{1} holds 1 NaN or infinite label(s)" in err
+
+
+# ------------------------------------------------------------------ the whole set, as a user runs it
+
+
+def test_bad_input_set_through_the_cli_never_prints_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    src = _folder(tmp_path, n=2)
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    coco = _coco_json(tmp_path, [_coco_data()])
+    bad_csv = _boxes_csv(tmp_path, ["img0,10,8"])
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.json").write_text('{"method": "kmeans", "params": [1]}')
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    from scipy.io import savemat
+
+    cell = np.empty((1, 1), dtype=object)
+    cell[0, 0] = np.full((40, 56), np.nan)
+    savemat(pred / "img0.mat", {"segs": cell})
+    write_image(pred / "img1.png", np.zeros((40, 56), np.uint8))
+    masks = tmp_path / "masks"
+    for i in range(2):
+        write_image(masks / f"img{i}.png", np.zeros((40, 56), np.uint8))
+    done = tmp_path / "done"
+    assert _segment(src, "--method", "felzenszwalb", "--out", done) == 0
+    cases = [
+        ["segment", src, "--method", "kmeans-color", "--out", not_a_folder],
+        ["segment", src, "--method", "kmeans-color", "--out", done],
+        ["segment", src, "--model", model, "--out", tmp_path / "o1"],
+        ["segment", f"coco:{coco}:{src}", "--method", "kmeans-color", "--out", tmp_path / "o2"],
+        ["train", "--method", "boxsup", "--data", src, "--boxes", bad_csv,
+         "--out", tmp_path / "o3"],
+        ["evaluate", "--protocol", "matched", "--pred", pred, "--gt", f"masks:{src}:{masks}",
+         "--out", tmp_path / "o4", "--jobs", "1"],
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for case in cases:
+        run = subprocess.run([sys.executable, "-m", "unsup", *map(str, case), "--no-progress"
+                              if case[0] != "evaluate" else "--jobs=1"],
+                             capture_output=True, text=True, env=env, timeout=120)
+        output = run.stdout + run.stderr
+        assert run.returncode in (1, 2), (case, output)
+        assert "Traceback" not in output, (case, output)
+        assert "error:" in output or "failed" in output, (case, output)

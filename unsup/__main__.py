@@ -1,5 +1,5 @@
 import sys
 
-from unsup.cli import main
+from unsup.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

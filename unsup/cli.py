@@ -12,7 +12,7 @@ import ast
 import sys
 from pathlib import Path
 
-__all__ = ["main", "parse_key_values"]
+__all__ = ["main", "console_main", "parse_key_values"]
 
 
 def parse_value(text: str):
@@ -66,8 +66,7 @@ def cmd_methods(args) -> int:
 def cmd_segment(args) -> int:
     from unsup.datasets import DatasetError, open_dataset
     from unsup.registry import create_method, load_method
-    from unsup.runner import (RunConflictError, describe_model, fit_if_needed,
-                              segment_dataset)
+    from unsup.runner import RunConflictError, describe_model, fit_if_needed, segment_dataset
 
     params = parse_key_values(args.param, option="--param")
     try:
@@ -247,5 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    # a user of the command needs the sentence, not the library line that raised it
+    print(f"unsup: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def console_main() -> int:
+    """The ``unsup`` executable: :func:`main` with warnings printed as one line each."""
+    import warnings
+
+    warnings.showwarning = _show_warning
+    return main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console_main())

@@ -232,6 +232,10 @@ def run_train(args: argparse.Namespace) -> int:
             if classes:
                 val = restrict_classes(val, classes)
         samples = samples_for(cls, dataset)
+        settings = {"method": method.name, "params": _params_json(method), "data": args.data,
+                    "classes": classes, "boxes": args.boxes,
+                    "boxes_from_masks": bool(args.boxes_from_masks), "seed": args.seed}
+        _check_resume(out, settings, resume=args.resume)
         print(f"training {cls.name} on {len(samples)} image(s) of {args.data}"
               + (f" (validation: {len(val)} image(s))" if val is not None else "")
               + f" -> {out}", file=sys.stderr)
@@ -254,6 +258,41 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"trained {method.name} in {seconds / 60:.1f} min ({stopped}) -> {out}"
           + ("" if stopped != "time_budget" else "; continue with --resume"))
     return 0
+
+
+#: Settings of a training run that ``--resume`` must repeat exactly.
+RESUME_KEYS = ("method", "params", "data", "classes", "boxes", "boxes_from_masks", "seed")
+
+
+def _check_resume(out: Path, settings: dict, *, resume: bool) -> None:
+    """Record a run's settings in ``out/train.json`` before training, so that ``--resume``
+    can refuse to continue a checkpoint made with another method, decoder or data, naming
+    the setting that differs (instead of failing deep inside ``load_state_dict``)."""
+    from unsup.io import atomic_write_bytes
+
+    path = out / "train.json"
+    if resume and path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CommandError(f"{path}: unreadable ({exc})") from None
+        differing = []
+        for key in RESUME_KEYS:
+            before, now = previous.get(key), settings.get(key)
+            if key == "params" and isinstance(before, dict) and isinstance(now, dict):
+                differing += [f"{key}.{k}: {before.get(k)!r} before, {now.get(k)!r} now"
+                              for k in sorted(set(before) | set(now))
+                              if before.get(k) != now.get(k)]
+            elif json.dumps(before, default=str) != json.dumps(now, default=str):
+                differing.append(f"{key}: {before!r} before, {now!r} now")
+        if differing:
+            raise CommandError(f"{out}: --resume continues the run recorded in {path.name}, "
+                               f"whose settings differ ({'; '.join(differing)}); repeat its "
+                               "settings, or train into another folder")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps({**settings, "complete": False}, indent=2,
+                                        default=str).encode())
 
 
 def _params_json(method) -> dict:

@@ -221,6 +221,21 @@ def _save_torch(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def remove_stale_temporaries(directory) -> list[Path]:
+    """Delete the temporary files that a killed write left in ``directory``.
+
+    :func:`unsup.io.atomic_write_path` writes ``.<name>.<random>.tmp`` beside its target
+    and renames it when complete, so such a file at the start of a run is the remainder of an
+    interrupted write (a ``kill -9`` during a checkpoint leaves tens of MB) and never data.
+    """
+    removed = []
+    for path in Path(directory).glob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def load_checkpoint(path) -> dict:
     """Read a checkpoint written by :func:`train` (``weights_only=True``, no pickles).
 
@@ -231,15 +246,12 @@ def load_checkpoint(path) -> dict:
     ValueError
         The file is not a checkpoint of this loop.
     """
-    import torch
+    from unsup.io import read_torch_state
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt / foreign files
-        raise ValueError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+    state = read_torch_state(path, what="checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a checkpoint of unsup.training.train")
     return state
@@ -349,6 +361,7 @@ def train(task, make_batches: Callable[..., Iterable], *, out_dir, epochs: int,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     ckpt_path = out_dir / CHECKPOINT_FILE
     start_epoch, start_step, partial = 0, 0, None
     if resume:
