@@ -2,8 +2,8 @@
 
 Weizmann Horse (figure/ground)::
 
-    python scripts/bench_boxsup.py horse --images /work/shared/data/weizmann_horse/horse_train \
-        --masks /work/shared/data/weizmann_horse/mask_train --out /work/bench/boxsup/horse
+    python scripts/bench_boxsup.py horse --images ../shared/data/weizmann_horse/horse_train \
+        --masks ../shared/data/weizmann_horse/mask_train --out runs/boxsup_horse
 
     The 278 images are split deterministically: the ids are sorted and a permutation seeded
     by --split-seed (default 0) puts round(0.2 * 278) = 56 of them in the test set, 222 in the
@@ -13,9 +13,9 @@ Weizmann Horse (figure/ground)::
 COCO subsets (multi-class, restricted to a few classes)::
 
     python scripts/bench_boxsup.py coco \
-        --train coco:/work/shared/data/coco/coco_mini/annotations/instances_train2017.json:/work/shared/data/coco/coco_mini/train2017 \
-        --test coco:/work/shared/data/coco/coco_tiny/annotations/instances_val2017.json:/work/shared/data/coco/coco_tiny/val2017 \
-        --classes person,car,dog --out /work/bench/boxsup/coco
+        --train coco:../shared/data/coco/coco_mini/annotations/instances_train2017.json:../shared/data/coco/coco_mini/train2017 \
+        --test coco:../shared/data/coco/coco_tiny/annotations/instances_val2017.json:../shared/data/coco/coco_tiny/val2017 \
+        --classes person,car,dog --out runs/boxsup_coco
 
 Both run :func:`unsup.compare.compare` (same network, epochs, seed; optional dense CRF) and
 also score the masks boxsup mined in each round against the training ground truth (with the

@@ -6,14 +6,14 @@ Two sub-commands:
     Time per image for C labels on a real image, wrapper (:meth:`DenseCRF.refine`) versus
     the binding called directly with prepared arrays (fastest of several interleaved runs)::
 
-        python scripts/bench_crf.py timing --image /work/shared/data/bsds500/images/val/101085.jpg
+        python scripts/bench_crf.py timing --image ../shared/data/bsds500/images/val/101085.jpg
 
 ``accuracy``
     Segment a dataset with registered methods, with and without ``--crf``, write label PNGs
     (one folder per variant, files named by sample id) and score them with the evaluation
     harness (``unsup.evaluation.evaluate``)::
 
-        python scripts/bench_crf.py accuracy --dataset bsds500:/work/shared/data/bsds500 \\
+        python scripts/bench_crf.py accuracy --dataset bsds500:../shared/data/bsds500 \\
             --split val --methods kmeans-color felzenszwalb --out out/bench_crf
 """
 

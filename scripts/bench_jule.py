@@ -21,10 +21,10 @@ Subcommands (each one command; data paths are arguments):
 Examples::
 
     python scripts/bench_jule.py digits --out runs/jule_digits
-    python scripts/bench_jule.py bsds --root /work/shared/data/bsds500 --split val \\
+    python scripts/bench_jule.py bsds --root ../shared/data/bsds500 --split val \\
         --n-images 20 --out runs/jule_bsds
-    python scripts/bench_jule.py camvid --images /work/shared/data/camvid/val \\
-        --masks /work/shared/data/camvid/valannot --out runs/jule_camvid
+    python scripts/bench_jule.py camvid --images ../shared/data/camvid/val \\
+        --masks ../shared/data/camvid/valannot --out runs/jule_camvid
 """
 
 from __future__ import annotations
@@ -94,6 +94,9 @@ def cmd_digits(args) -> int:
     from sklearn.metrics import normalized_mutual_info_score
 
     x, y = load_digits(return_X_y=True)
+    if args.subset:  # the digits digits_nmi clusters
+        keep = np.random.default_rng(args.seed).permutation(len(x))[:args.subset]
+        x, y = x[keep], y[keep]
     t0 = time.perf_counter()
     ward = AgglomerativeClustering(n_clusters=10, linkage="ward").fit_predict(x)
     rows = [("sklearn Ward, raw pixels", "-", normalized_mutual_info_score(y, ward),
@@ -115,7 +118,7 @@ def cmd_digits(args) -> int:
             if not learn and kw["unroll_rate"] != 0.9:
                 continue  # the fixed-representation run does not depend on the schedule
             nmi, secs = digits_nmi(representation=rep, learn=learn, seed=args.seed,
-                                   n_iter_per_period=args.iters, **kw)
+                                   n_iter_per_period=args.iters, subset=args.subset, **kw)
             rows.append((label, f"learn={str(learn).lower()}", nmi, secs))
             print(rows[-1], flush=True)
     print(f"\nload average: {_load()}")
@@ -327,6 +330,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("digits")
     p.add_argument("--out", default=None)
     p.add_argument("--iters", type=int, default=50, help="updates per period")
+    p.add_argument("--subset", type=int, default=None,
+                   help="cluster this many randomly chosen digits (default: all 1,797)")
     p.add_argument("--representations", nargs="+", default=["cnn", "mlp"],
                    choices=["cnn", "mlp"], help="which JULE representations to run")
     p.add_argument("--seed", type=int, default=0)

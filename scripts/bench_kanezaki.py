@@ -3,20 +3,17 @@
 Sub-commands (each one command, resumable: images whose outputs exist are skipped)::
 
     # 1. segment a BSDS split with a named configuration; saves labels, scores, per-image info
-    python scripts/bench_kanezaki.py run --config fast --data /work/shared/data/bsds500 \
+    python scripts/bench_kanezaki.py run --config fast --data ../shared/data/bsds500 \
         --split val --out runs/kanezaki/fast [--limit 5] [--ids 101085 101087] [--threads 1]
     # 2. dense-CRF refinement of saved labels + scores (needs unsup.crf)
     python scripts/bench_kanezaki.py crf --pred runs/kanezaki/fast
     # 3. evaluate prediction folders with the harness (protocols `matched` and `bsds`)
-    python scripts/bench_kanezaki.py evaluate --data /work/shared/data/bsds500 --split val \
+    python scripts/bench_kanezaki.py evaluate --data ../shared/data/bsds500 --split val \
         --pred runs/kanezaki/fast runs/kanezaki/fast/crf --ids-from runs/kanezaki/reference
     # 4. markdown table of evaluated folders (+ median seconds per image)
     python scripts/bench_kanezaki.py table --pred runs/kanezaki/fast runs/kanezaki/reference
     # timing only: median seconds per image of a configuration (records the load average)
-    python scripts/bench_kanezaki.py timing --data /work/shared/data/bsds500 --limit 10
-    # tuning (train split only): matched scores of parameter overrides, +CRF
-    python scripts/bench_kanezaki.py tune --split train --every 20 --crf \
-        --grid '[{}, {"max_side": 240}]' --json runs/kanezaki/tune.json
+    python scripts/bench_kanezaki.py timing --data ../shared/data/bsds500 --limit 10
 
 Prediction folder layout: ``labels/<id>.png`` (label map), ``scores/<id>.npz`` (float16
 ``scores`` (C, H, W), when the method has them), ``info/<id>.json`` (method info, seconds, load
@@ -236,55 +233,6 @@ def cmd_timing(args) -> None:
                       "loadavg_before": load_before, "loadavg_after": os.getloadavg()}))
 
 
-def cmd_tune(args) -> None:
-    """Mean matched scores (without / with CRF) of parameter overrides on a few images.
-
-    For tuning on the train split: one predict per image and configuration, scored in memory
-    with :func:`unsup.evaluation.matched.matched_scores` (no files besides the JSON summary).
-    """
-    from unsup.crf import DenseCRF
-    from unsup.datasets import open_dataset
-    from unsup.evaluation.matched import matched_scores
-
-    grid = json.loads(args.grid)
-    if not isinstance(grid, list) or not all(isinstance(g, dict) for g in grid):
-        raise SystemExit("--grid must be a JSON list of parameter dicts, e.g. '[{}, {\"max_side\": 240}]'")
-    dataset = open_dataset(f"bsds500:{args.data}", split=args.split)
-    records = select_records(dataset, args.ids, None)[:: args.every]
-    if args.limit:
-        records = records[: args.limit]
-    samples = [dataset.load(r) for r in records]  # a handful of images: fine to keep
-    crf = DenseCRF()
-    keys = ("miou.all", "miou.fine", "miou.coarse", "ap50", "ap70")
-    summary = []
-    for overrides in grid:
-        params = {"n_threads": args.threads or 1, **overrides}
-        method = make_method(args.config, params)
-        rows, rows_crf, seconds, n_labels = [], [], [], []
-        for sample in samples:
-            t0 = time.perf_counter()
-            seg = method.predict(sample.image)
-            seconds.append(time.perf_counter() - t0)
-            n_labels.append(seg.n_labels)
-            rows.append(matched_scores(seg.labels, sample.ground_truth))
-            if args.crf:
-                refined = crf.refine_segmentation(sample.image, seg)
-                rows_crf.append(matched_scores(refined.labels, sample.ground_truth))
-        result = {"overrides": overrides, "images": len(samples),
-                  "median_seconds": round(float(np.median(seconds)), 3),
-                  "median_labels": float(np.median(n_labels)),
-                  **{k: round(float(np.mean([r[k] for r in rows])), 4) for k in keys}}
-        if rows_crf:
-            result.update({f"crf.{k}": round(float(np.mean([r[k] for r in rows_crf])), 4)
-                           for k in keys})
-        summary.append(result)
-        print(json.dumps(result), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"config": args.config, "split": args.split, "ids": [r.id for r in records],
-             "loadavg": os.getloadavg(), "results": summary}, indent=2))
-
-
 # ------------------------------------------------------------------------------------------
 
 
@@ -352,8 +300,8 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_args(p):
-        p.add_argument("--data", type=Path, default=Path("/work/shared/data/bsds500"),
-                       help="BSDS500 root (images/, groundTruth/)")
+        p.add_argument("--data", type=Path, required=True,
+                       help="BSDS500 root (images/, groundTruth/), e.g. ../shared/data/bsds500")
         p.add_argument("--split", default="val")
         p.add_argument("--ids", nargs="*", help="only these image ids")
         p.add_argument("--limit", type=int, help="only the first N images (sorted ids)")
@@ -396,17 +344,6 @@ def main(argv=None) -> None:
     p.add_argument("--params")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_timing, limit=None)
-
-    p = sub.add_parser("tune", help="matched scores of parameter overrides (train split)")
-    data_args(p)
-    p.set_defaults(split="train")
-    p.add_argument("--config", default="fast")
-    p.add_argument("--grid", required=True, help="JSON list of parameter-override dicts")
-    p.add_argument("--every", type=int, default=1, help="use every k-th image (spread)")
-    p.add_argument("--crf", action="store_true", help="also score the CRF-refined labels")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", type=Path, help="write the summary here")
-    p.set_defaults(func=cmd_tune)
 
     args = parser.parse_args(argv)
     args.func(args)

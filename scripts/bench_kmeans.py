@@ -3,21 +3,18 @@
 Sub-commands (one command each; `run` is resumable: images with outputs are skipped)::
 
     # segment a dataset (fits first when scope=dataset; the model is saved in OUT/model)
-    python scripts/bench_kmeans.py run --data masks:/work/shared/data/camvid/val:/work/shared/data/camvid/valannot \
+    python scripts/bench_kmeans.py run --data masks:../shared/data/camvid/val:../shared/data/camvid/valannot \
         --ignore-index 11 --out runs/kmeans/camvid-lite0 --method kmeans \
         --param scope=dataset --param n_clusters=11 [--crf] [--cache-dir runs/kmeans/cache]
     # evaluate prediction folders (OUT/labels and, with --crf, OUT/crf) with the harness
     python scripts/bench_kmeans.py evaluate --data SPEC --ignore-index 11 --protocol hungarian \
         --pred runs/kmeans/camvid-lite0
-    # many parameter sets fitted + scored (hungarian) in one process, e.g. the first 50 images
-    python scripts/bench_kmeans.py tune --data SPEC --ignore-index 11 --limit 50 \
-        --configs configs.json --out results.jsonl --param scope=dataset --param n_clusters=11
     # markdown table of evaluated runs
     python scripts/bench_kmeans.py table --pred runs/kmeans/camvid-*
     # faiss vs scikit-learn k-means on random vectors (10^7 x 64 by default)
     python scripts/bench_kmeans.py speed --n 10000000 --dim 64 --k 100 --iters 20 --lloyd
     # dense-feature extraction seconds per image (BSDS val: 481x321)
-    python scripts/bench_kmeans.py features --images /work/shared/data/bsds500/images/val --limit 20
+    python scripts/bench_kmeans.py features --images ../shared/data/bsds500/images/val --limit 20
 
 Every timing line records the 1-minute load average (the machine is shared; compare only
 numbers taken at a similar load).
@@ -152,109 +149,6 @@ def _jsonable(value):
     from unsup.base import _jsonable as base_jsonable
 
     return base_jsonable(value)
-
-
-# -- tune -----------------------------------------------------------------------------------------
-
-
-def cmd_tune(args) -> None:
-    """Fit + label + score (hungarian) many parameter sets in one process, one line each.
-
-    The images of the chosen range are fitted on (transductively, without labels, exactly
-    like ``run``) and scored with the harness's own hungarian reduction, so a line's mIoU
-    equals what ``run`` + ``evaluate`` give for the same images and parameters. Resumable:
-    configurations whose name is already in ``--out`` are skipped.
-    """
-    from tqdm import tqdm
-
-    from unsup.evaluation import confusion
-    from unsup.evaluation.harness import reduce_confusion  # the harness's exact hungarian
-    from unsup.registry import create_method
-
-    dataset = open_data(args)
-    records = select_records(dataset, args.offset, args.limit)
-    configs = json.loads(Path(args.configs).read_text())
-    if not isinstance(configs, list) or not all("name" in c for c in configs):
-        raise SystemExit(f"{args.configs}: expected a JSON list of {{name, params}} objects")
-    base = parse_params(args.param)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out.is_file():
-        done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line}
-    todo = [c for c in configs if c["name"] not in done]
-    if not todo:
-        print(f"{out}: all {len(configs)} configurations done")
-        return
-    # the tuning images and their ground truth stay in memory across configurations
-    samples = [dataset.load(r) for r in tqdm(records, desc="loading", unit="img")]
-    crf = None
-    if args.crf:
-        from unsup.crf import DenseCRF
-
-        crf = DenseCRF(**parse_params(args.crf_param))
-    for config in todo:
-        params = {**base, **config.get("params", {})}
-        if args.cache_dir and args.method == "kmeans" and params.get("features") != "color":
-            params.setdefault("cache_dir", args.cache_dir)
-        method = create_method(args.method, **params)
-        load0 = load_average()
-        t0, c0 = time.perf_counter(), time.process_time()
-        if method.requires_fit:
-            method.fit([s.image for s in samples])
-        fit_seconds = time.perf_counter() - t0
-        results = {"labels": [], "crf": []}
-        for sample in samples:
-            seg = method.predict(sample.image)
-            outputs = [("labels", seg.labels)]
-            if crf is not None:
-                outputs.append(("crf", crf.refine_segmentation(sample.image, seg).labels))
-            for key, labels in outputs:
-                g, p, c = confusion.pair_counts(labels, sample.ground_truth[0],
-                                                ignore_index=sample.ignore_index)
-                results[key].append({"id": sample.id, "gt": g, "pred": p, "count": c})
-        line = {"name": config["name"], "params": _jsonable(config.get("params", {})),
-                "n_images": len(samples), "first_id": samples[0].id,
-                "fit_seconds": round(fit_seconds, 1),
-                "cpu_seconds": round(time.process_time() - c0, 1),
-                "load": f"{load0}-{load_average()}"}
-        for key, rows in results.items():
-            if rows:
-                metrics = reduce_confusion(rows, dataset, "hungarian", False,
-                                            dataset.ignore_index)[0]
-                line[key] = {"miou": round(metrics["miou"], 4),
-                             "pixel_accuracy": round(metrics["pixel_accuracy"], 4),
-                             "per_class_iou": {k: (None if v is None else round(v, 3))
-                                               for k, v in metrics["per_class_iou"].items()}}
-        with open(out, "a") as fh:
-            fh.write(json.dumps(line) + "\n")
-        print(f"{config['name']}: mIoU {line['labels']['miou']:.4f}"
-              + (f", CRF {line['crf']['miou']:.4f}" if "crf" in line else "")
-              + f" ({line['cpu_seconds']} CPU s, load {line['load']})", flush=True)
-
-
-def cmd_tune_table(args) -> None:
-    """Markdown table of ``tune`` results; names ``NAME/sSEED`` are averaged over seeds."""
-    groups: dict[str, list[dict]] = {}
-    for path in args.results:
-        for line in Path(path).read_text().splitlines():
-            if line:
-                entry = json.loads(line)
-                groups.setdefault(entry["name"].split("/s")[0], []).append(entry)
-    print("| configuration | seeds | mIoU mean | sd | min | max | CRF mIoU mean | CRF sd "
-          "| pixel acc. |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    rows = []
-    for name, entries in groups.items():
-        miou = np.array([e["labels"]["miou"] for e in entries])
-        crf = [e["crf"]["miou"] for e in entries if "crf" in e]
-        acc = np.mean([e["labels"]["pixel_accuracy"] for e in entries])
-        rows.append((miou.mean(), name, len(entries), miou, crf, acc))
-    for mean, name, n, miou, crf, acc in sorted(rows, key=lambda r: -r[0]):
-        crf_sd = np.std(crf, ddof=1) if len(crf) > 1 else float("nan")
-        print(f"| {name} | {n} | {mean:.4f} | {miou.std(ddof=1) if n > 1 else float('nan'):.4f} "
-              f"| {miou.min():.4f} | {miou.max():.4f} | "
-              f"{np.mean(crf) if crf else float('nan'):.4f} | {crf_sd:.4f} | {acc:.3f} |")
 
 
 # -- evaluate / table -------------------------------------------------------------------------
@@ -438,24 +332,6 @@ def main(argv=None) -> None:
                    help="skip this many images (sorted by id) before --limit")
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("tune")
-    data_args(p)
-    p.add_argument("--configs", required=True,
-                   help='JSON file: [{"name": ..., "params": {...}}, ...]')
-    p.add_argument("--out", required=True, help="results, one JSON line per configuration")
-    p.add_argument("--method", default="kmeans")
-    p.add_argument("--param", action="append", help="key=value shared by all configurations")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--crf", action="store_true", help="also score DenseCRF-refined labels")
-    p.add_argument("--crf-param", action="append")
-    p.add_argument("--offset", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None)
-    p.set_defaults(func=cmd_tune)
-
-    p = sub.add_parser("tune-table")
-    p.add_argument("results", nargs="+", help="JSON-lines files written by tune")
-    p.set_defaults(func=cmd_tune_table)
 
     p = sub.add_parser("evaluate")
     data_args(p)

@@ -3,14 +3,14 @@
 One command runs every part (each skippable) and writes ``OUT/results.json`` and
 ``OUT/results.md``::
 
-    python scripts/bench_wnet.py --bsds /work/shared/data/bsds500 --split val \
+    python scripts/bench_wnet.py --bsds ../shared/data/bsds500 --split val \
         --model runs/wnet_train --out runs/bench_wnet \
         --ablation full=runs/abl_full --ablation recon=runs/abl_recon
 
 Parts
 -----
 segment + evaluate
-    ``unsup segment`` on the split for W-Net (``--model``) and the ``felzenszwalb`` and
+    ``unsup segment`` (in this process) on the split for W-Net (``--model``) and the ``felzenszwalb`` and
     ``kmeans-color`` baselines, each twice: without and with the dense CRF, both with
     ``--hierarchy``. Then ``unsup evaluate --protocol bsds`` on every labels folder (the method
     alone / + CRF: one segmentation per image, so ODS = OIS) and every hierarchy folder
@@ -45,20 +45,23 @@ METRICS = ("covering.ods", "covering.ois", "pri.ods", "pri.ois", "voi.ods", "voi
            "boundary.ods_f", "boundary.ois_f")  # keys of the harness's metrics.json
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    print("$", " ".join(cmd), flush=True)
+def _run(argv: list[str], log: Path) -> None:
+    """``unsup ARGV`` in this process (one interpreter start for the whole benchmark)."""
+    from unsup.cli import main as unsup_main
+
+    line = "unsup " + " ".join(argv)
+    print("$", line, flush=True)
     with open(log, "a") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        result = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
-    if result.returncode != 0:
-        raise RuntimeError(f"command failed ({result.returncode}), see {log}: {' '.join(cmd)}")
+        fh.write(f"$ {line}\n")
+    code = unsup_main(argv)
+    if code != 0:
+        raise RuntimeError(f"command failed ({code}): {line}")
 
 
 def _segment(args, name: str, method_args: list[str], crf: bool, out: Path) -> Path:
     run_dir = out / "runs" / name
-    cmd = [sys.executable, "-m", "unsup", "segment", f"bsds500:{args.bsds}", "--split",
-           args.split, "--out", str(run_dir), "--hierarchy", "--no-progress", *method_args]
+    cmd = ["segment", f"bsds500:{args.bsds}", "--split", args.split, "--out", str(run_dir),
+           "--hierarchy", "--no-progress", *method_args]
     if crf:
         cmd.append("--crf")
     _run(cmd, out / "commands.log")
@@ -67,9 +70,9 @@ def _segment(args, name: str, method_args: list[str], crf: bool, out: Path) -> P
 
 def _evaluate(args, pred: Path, report: Path, out: Path) -> dict:
     if not (report / "metrics.json").is_file():
-        cmd = [sys.executable, "-m", "unsup", "evaluate", "--protocol", "bsds", "--pred",
-               str(pred), "--gt", f"bsds500:{args.bsds}", "--split", args.split, "--out",
-               str(report), "--jobs", str(args.jobs), "--no-progress"]
+        cmd = ["evaluate", "--protocol", "bsds", "--pred", str(pred), "--gt",
+               f"bsds500:{args.bsds}", "--split", args.split, "--out", str(report), "--jobs",
+               str(args.jobs), "--no-progress"]
         _run(cmd, out / "commands.log")
     return json.loads((report / "metrics.json").read_text())
 

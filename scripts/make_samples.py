@@ -31,6 +31,7 @@ def main(argv=None):
     parser.add_argument("--max-side", type=int, default=320)
     args = parser.parse_args(argv)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for name in NATURAL:
         image = Image.fromarray(getattr(skdata, name)()).convert("RGB")
         scale = args.max_side / max(image.size)

@@ -3,11 +3,11 @@
 Used to produce the model shipped with the lab (methods/weights/wnet_default/) and the
 models of docs/benchmarks/wnet.md::
 
-    # evaluation model: BSDS500 train images only (session 3: 36 epochs, ~30 CPU minutes)
-    python scripts/train_wnet_default.py --data bsds500:/work/shared/data/bsds500 \
+    # evaluation model: BSDS500 train images only (36 epochs, ~30 CPU minutes)
+    python scripts/train_wnet_default.py --data bsds500:../shared/data/bsds500 \
         --split train --out runs/wnet_train --max-minutes 38 --n-threads 1
     # shipped model: BSDS500 train + val images, then copied into the package
-    python scripts/train_wnet_default.py --data bsds500:/work/shared/data/bsds500 \
+    python scripts/train_wnet_default.py --data bsds500:../shared/data/bsds500 \
         --split train --split val --out runs/wnet_trainval --max-minutes 45 --n-threads 1 \
         --install
 
