@@ -355,12 +355,9 @@ def read_model_meta(directory: str | os.PathLike) -> dict:
     path = directory / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: not a saved model (no {MODEL_FILE})")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    except (UnicodeDecodeError, OSError) as exc:
-        raise ModelLoadError(f"{path}: unreadable ({exc})") from None
+    from unsup.io import read_json
+
+    meta = read_json(path, error=ModelLoadError)
     if not isinstance(meta, dict):
         raise ModelLoadError(f"{path}: must hold a JSON object, got {type(meta).__name__}")
     for key, kind in (("method", str), ("params", dict)):

@@ -89,7 +89,7 @@ def compare(train_spec: str, test_spec: str, methods: list[str], out, *, epochs=
     dict
         ``{"results": compare.json content, "table_markdown": str, "setting": dict}``.
     """
-    from unsup.base import _jsonable
+    from unsup.base import params_to_json
     from unsup.datasets import open_dataset
     from unsup.evaluation import evaluate
     from unsup.io import atomic_write_bytes
@@ -175,7 +175,7 @@ def compare(train_spec: str, test_spec: str, methods: list[str], out, *, epochs=
                                  epochs=epochs, max_minutes=max_minutes, resume=resume,
                                  progress=progress)
             history = getattr(method, "history_", {}) or {}
-            record = {"method": name, "params": _jsonable(method.get_params()),
+            record = {"method": name, "params": params_to_json(method),
                       "fit_seconds": round(seconds, 2), "history": history,
                       "complete": history.get("stopped") != "time_budget"}
             atomic_write_bytes(model_dir / "train.json",
@@ -184,7 +184,7 @@ def compare(train_spec: str, test_spec: str, methods: list[str], out, *, epochs=
         entry = {"supervision": cls.supervision, "train_seconds": round(seconds, 2),
                  "train_loop_seconds": history.get("train_seconds"),
                  "epochs_run": history.get("epochs_run"), "stopped": history.get("stopped"),
-                 "params": _jsonable(method.get_params())}
+                 "params": params_to_json(method)}
         if cls.supervision == "boxes":
             entry["box_source"] = box_source
         variants = [("", None)] + ([("+crf", crf_model)] if crf_model is not None else [])

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unsup.io import IMAGE_EXTENSIONS, ImageReadError, read_image, read_label_map
+from unsup.io import IMAGE_EXTENSIONS, ImageReadError, read_image, read_json, read_label_map
 
 __all__ = [
     "Box",
@@ -653,12 +653,7 @@ def _read_coco_json(path: Path) -> dict:
     """
     if not path.is_file():
         raise DatasetError(f"{path}: COCO annotation file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: unreadable ({exc})") from None
+    data = read_json(path, error=DatasetError)
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: a COCO instances json is an object with images, "
                            f"annotations and categories; got a {type(data).__name__}")

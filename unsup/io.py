@@ -41,6 +41,7 @@ __all__ = [
     "atomic_write_bytes",
     "frame_count",
     "read_torch_state",
+    "read_json",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
@@ -379,7 +380,23 @@ def write_overlay(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------
-# torch state files
+# JSON and torch state files
+
+
+def read_json(path: str | os.PathLike, *, error: type[Exception] = ValueError):
+    """Parse a JSON file; invalid JSON or an unreadable file raises ``error`` naming the file.
+
+    The message gives the line of a syntax error, so that a hand-edited file can be fixed.
+    """
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: unreadable ({exc})") from None
 
 
 def read_torch_state(path: str | os.PathLike, *, what: str = "weights file") -> dict:

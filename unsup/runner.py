@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from unsup.base import Segmentation, SegmentationMethod
+from unsup.base import Segmentation, SegmentationMethod, params_to_json
 from unsup.datasets import RUN_MARKER, RUN_OUTPUT_FOLDERS, Dataset, DatasetError, Record
 from unsup.io import (
     ImageReadError,
     atomic_write_bytes,
     frame_count,
+    read_json,
     write_label_map,
     write_overlay,
     write_ultrametric_map,
@@ -40,7 +41,7 @@ from unsup.io import (
 
 __all__ = ["segment_image", "segment_dataset", "RunResult", "RunConflictError", "seed_everything",
            "output_paths", "hierarchy_of", "hierarchy_strength_for", "fit_if_needed",
-           "run_fingerprint"]
+           "run_fingerprint", "describe_differences"]
 
 RUN_FILE = RUN_MARKER
 #: The run.json entries that decide what an output is; a rerun may only reuse outputs whose
@@ -199,9 +200,9 @@ def segment_dataset(dataset: Dataset, method: SegmentationMethod, out, *, crf=No
     _check_output_folder(out)
     run = {
         "method": method.name,
-        "params": _jsonable_params(method),
+        "params": params_to_json(method),
         "seed": seed,
-        "crf": None if crf is None else _jsonable_params(crf),
+        "crf": None if crf is None else params_to_json(crf),
         "hierarchy": hierarchy is not None,
         "hierarchy_strength": (None if hierarchy is None
                                else getattr(hierarchy, "keywords", {}).get("strength", "auto")),
@@ -311,28 +312,46 @@ def _previous_run(out: Path, run: dict) -> dict:
                 "rerun with --overwrite to replace them, or choose another --out")
         return {}
     try:
-        previous = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunConflictError(f"{path}: unreadable ({exc}); rerun with --overwrite to "
-                               "start the output folder afresh") from None
+        previous = read_json(path, error=RunConflictError)
+    except RunConflictError as exc:
+        raise RunConflictError(f"{exc}; rerun with --overwrite to start the output folder "
+                               "afresh") from None
     if not isinstance(previous, dict):
         raise RunConflictError(f"{path}: not a run record; rerun with --overwrite")
     if previous.get("fingerprint") == run["fingerprint"]:
         return previous
     if not has_outputs and not previous.get("timings"):
         return {}  # an earlier run that wrote nothing yet: nothing to protect
-    differing = [key for key in FINGERPRINT_KEYS
-                 if json.dumps(previous.get(key), sort_keys=True, default=str)
-                 != json.dumps(run.get(key), sort_keys=True, default=str)]
-    detail = "; ".join(f"{key}: {_short(previous.get(key))} before, {_short(run.get(key))} now"
-                       for key in differing) or "a run record without a fingerprint"
+    detail = "; ".join(describe_differences(previous, run, FINGERPRINT_KEYS)) \
+        or "a run record without a fingerprint"
     raise RunConflictError(
         f"{out}: holds the outputs of a different run ({detail}); rerun with --overwrite to "
         "replace them, or choose another --out")
 
 
+def describe_differences(before: dict, now: dict, keys) -> list[str]:
+    """``"key: old before, new now"`` for each of ``keys`` whose value differs.
+
+    Dict values (parameters) are compared entry by entry, so that the message names the one
+    parameter that changed (``params.decoder: 'fcn' before, 'unet' now``).
+    """
+    def same(a, b):
+        return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True,
+                                                                         default=str)
+
+    differences = []
+    for key in keys:
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += [f"{key}.{k}: {_short(old.get(k))} before, {_short(new.get(k))} now"
+                            for k in sorted(set(old) | set(new)) if not same(old.get(k), new.get(k))]
+        elif not same(old, new):
+            differences.append(f"{key}: {_short(old)} before, {_short(new)} now")
+    return differences
+
+
 def _short(value, limit: int = 80) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
+    text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -384,9 +403,3 @@ def _failure(record: Record, exc: BaseException, *, with_trace: bool = False) ->
     if with_trace:
         entry["trace"] = "".join(traceback.format_exception(exc)[-3:])
     return entry
-
-
-def _jsonable_params(estimator) -> dict:
-    from unsup.base import _jsonable
-
-    return _jsonable(estimator.get_params()) if hasattr(estimator, "get_params") else {}

@@ -204,6 +204,7 @@ def _create(method_name: str, params: dict, seed: int):
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``unsup train``; returns the exit code."""
+    from unsup.base import params_to_json
     from unsup.cli import parse_key_values
     from unsup.datasets import DatasetError, open_dataset
     from unsup.io import ImageReadError, atomic_write_bytes
@@ -232,7 +233,7 @@ def run_train(args: argparse.Namespace) -> int:
             if classes:
                 val = restrict_classes(val, classes)
         samples = samples_for(cls, dataset)
-        settings = {"method": method.name, "params": _params_json(method), "data": args.data,
+        settings = {"method": method.name, "params": params_to_json(method), "data": args.data,
                     "classes": classes, "boxes": args.boxes,
                     "boxes_from_masks": bool(args.boxes_from_masks), "seed": args.seed}
         _check_resume(out, settings, resume=args.resume)
@@ -246,7 +247,7 @@ def run_train(args: argparse.Namespace) -> int:
             ImageReadError) as exc:
         return _report_error(exc)
     history = getattr(method, "history_", None) or {}
-    record = {"method": method.name, "params": _params_json(method), "data": args.data,
+    record = {"method": method.name, "params": params_to_json(method), "data": args.data,
               "val": args.val, "val_fraction": args.val_fraction, "classes": classes,
               "boxes": args.boxes, "boxes_from_masks": bool(args.boxes_from_masks),
               "seed": args.seed, "epochs": args.epochs, "max_minutes": args.max_minutes,
@@ -268,23 +269,13 @@ def _check_resume(out: Path, settings: dict, *, resume: bool) -> None:
     """Record a run's settings in ``out/train.json`` before training, so that ``--resume``
     can refuse to continue a checkpoint made with another method, decoder or data, naming
     the setting that differs (instead of failing deep inside ``load_state_dict``)."""
-    from unsup.io import atomic_write_bytes
+    from unsup.io import atomic_write_bytes, read_json
+    from unsup.runner import describe_differences
 
     path = out / "train.json"
     if resume and path.is_file():
-        try:
-            previous = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CommandError(f"{path}: unreadable ({exc})") from None
-        differing = []
-        for key in RESUME_KEYS:
-            before, now = previous.get(key), settings.get(key)
-            if key == "params" and isinstance(before, dict) and isinstance(now, dict):
-                differing += [f"{key}.{k}: {before.get(k)!r} before, {now.get(k)!r} now"
-                              for k in sorted(set(before) | set(now))
-                              if before.get(k) != now.get(k)]
-            elif json.dumps(before, default=str) != json.dumps(now, default=str):
-                differing.append(f"{key}: {before!r} before, {now!r} now")
+        previous = read_json(path, error=CommandError)
+        differing = describe_differences(previous, settings, RESUME_KEYS)
         if differing:
             raise CommandError(f"{out}: --resume continues the run recorded in {path.name}, "
                                f"whose settings differ ({'; '.join(differing)}); repeat its "
@@ -293,12 +284,6 @@ def _check_resume(out: Path, settings: dict, *, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps({**settings, "complete": False}, indent=2,
                                         default=str).encode())
-
-
-def _params_json(method) -> dict:
-    from unsup.base import _jsonable
-
-    return _jsonable(method.get_params())
 
 
 # ---------------------------------------------------------------------------------------------
