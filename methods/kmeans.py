@@ -282,13 +282,15 @@ class KMeansSegmentation(SegmentationMethod):
         return k, {}
 
     # -- dataset-level fit ------------------------------------------------------------------
-    def fit(self, samples, *, progress: bool = False):
+    def fit(self, samples, *, val_samples=None, run=None, progress: bool = False):
         """Fit dataset-level centroids (``scope="dataset"``); a no-op for ``scope="image"``.
 
         Parameters
         ----------
         samples : iterable of unsup.datasets.Sample (or of RGB uint8 arrays)
             Streamed in chunks of a few images; never all held at once.
+        val_samples, run
+            Not used (nothing is trained).
         progress : bool
         """
         self._validate()

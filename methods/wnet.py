@@ -30,7 +30,6 @@ offsets, never as an N x N matrix (:func:`soft_ncut_loss`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -41,15 +40,23 @@ from pathlib import Path
 
 import numpy as np
 
-from unsup.base import NotFittedError, Segmentation, SegmentationMethod, check_image
+from unsup.base import (
+    NotFittedError,
+    OptionGroup,
+    RunOptions,
+    Segmentation,
+    SegmentationMethod,
+    check_image,
+)
+from unsup.nn.runtime import resolve_device, seed_all, torch_threads
 from unsup.registry import register
 
 #: Folder of the shipped default model (package data).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "wnet_default"
 
-#: Hyper-parameters that define the network's shape: the shipped weights fit only when these
-#: equal the shipped model's.
-ARCHITECTURE_PARAMS = ("n_classes", "width")
+#: Hyper-parameters (``get_params(deep=True)`` keys) that define the network's shape: the
+#: shipped weights fit only when these equal the shipped model's.
+ARCHITECTURE_PARAMS = ("n_classes", "network__width")
 
 #: The shipped weights are used only when these equal the shipped model's: its shape and the
 #: working resolution it was trained at (a model trained on 224-px images segments 224-px
@@ -275,7 +282,7 @@ def normalize_images(images):
 
 
 class WNetTask:
-    """The paper's alternating optimisation, as a :class:`unsup.training.TrainingTask`.
+    """The paper's alternating optimisation, as a :class:`unsup.nn.loop.TrainingTask`.
 
     ``train_step((images, masks))``: (1) one Adam step on U-Enc minimising
     ``ncut_weight * soft_ncut_loss`` (skipped when ``ncut_weight == 0``; the n-cut value is
@@ -297,7 +304,7 @@ class WNetTask:
                  sigma_i: float, sigma_x: float, val_batches=None, device=None):
         import torch
 
-        self.device = torch.device(device) if device is not None else _device()
+        self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.ncut_weight = float(ncut_weight)
         self.ncut_params = {"radius": int(radius), "sigma_i": float(sigma_i),
@@ -429,7 +436,7 @@ class ImageCache:
 
 
 class CropBatches:
-    """``make_batches(epoch, start=0)`` for :func:`unsup.training.train`: one random crop of
+    """``make_batches(epoch, start=0)`` for :func:`unsup.nn.loop.train`: one random crop of
     every cached image per epoch, shuffled per (seed, epoch); batches ``(images uint8 (B, 3,
     s, s), masks bool (B, s, s))`` where the mask marks real (not padded) pixels."""
 
@@ -467,23 +474,45 @@ class CropBatches:
 
 
 def _limit_side(image: np.ndarray, max_side: int | None) -> np.ndarray:
-    if max_side is None or max(image.shape[:2]) <= max_side:
-        return image
-    from unsup.augment import resize_image
+    from unsup.augment import resize_image, working_shape
 
-    scale = max_side / max(image.shape[:2])
-    shape = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
-    return resize_image(image, shape)
-
-
-def _device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resize_image(image, working_shape(image.shape[:2], max_side))
 
 
 # ------------------------------------------------------------------------------------------
 # the method
+
+
+class WNetNetwork(OptionGroup):
+    """W-Net's U-Nets and their training (the method's ``network__*`` options).
+
+    Parameters
+    ----------
+    width : int
+        Channels of the first module (doubling at each of the 4 levels). The paper: 64; the
+        default 16 trains in under an hour on a 2-core CPU.
+    dropout : float
+        Dropout rate after every module (the paper reports 65%; a narrow network needs
+        less).
+    crop_size : int
+        Side of the square random training crops, taken from the images at the working
+        resolution ``max_side`` (the paper trains on whole 224 x 224 images).
+    batch_size : int
+        Crops per step (the paper: 10).
+    lr : float
+        Adam learning rate of both steps, decayed by a cosine schedule to 1% over ``epochs``.
+    epochs : int
+        Epochs of ``fit`` (one random crop of every training image per epoch).
+    """
+
+    def __init__(self, *, width: int = 16, dropout: float = 0.1, crop_size: int = 128,
+                 batch_size: int = 8, lr: float = 3e-3, epochs: int = 36):
+        self.width = width
+        self.dropout = dropout
+        self.crop_size = crop_size
+        self.batch_size = batch_size
+        self.lr = lr
+        self.epochs = epochs
 
 
 @register
@@ -499,12 +528,10 @@ class WNet(SegmentationMethod):
         regions per training crop, not just an upper bound. Default 8 (with 128-px crops of
         224-px images, i.e. about 16 regions per image; BSDS500 human segmentations have ~20):
         chosen on BSDS500 train images (docs/benchmarks/wnet.md, session 3); 32 fragmented.
-    width : int
-        Channels of the first module (doubling at each of the 4 levels). The paper: 64; the
-        default 16 trains in under an hour on a 2-core CPU.
-    dropout : float
-        Dropout rate after every module (the paper reports 65%; a narrow network needs
-        less).
+    network : WNetNetwork or dict, optional
+        The U-Nets and their training: ``network__width``, ``network__dropout``,
+        ``network__crop_size``, ``network__batch_size``, ``network__lr``, ``network__epochs``
+        (:class:`WNetNetwork`).
     ncut_weight : float
         Weight of the soft n-cut step; 0 = reconstruction only (the ablation). Each step
         has its own Adam optimiser, which is invariant to a loss's scale, so any positive
@@ -512,15 +539,6 @@ class WNet(SegmentationMethod):
     radius, sigma_i, sigma_x : int, float, float
         Soft n-cut affinity (the paper: 5, 10, 4); ``sigma_i`` on the 0..255 brightness
         scale (mean of R, G, B).
-    crop_size : int
-        Side of the square random training crops, taken from the images at the working
-        resolution ``max_side`` (the paper trains on whole 224 x 224 images).
-    batch_size : int
-        Crops per step (the paper: 10).
-    lr : float
-        Adam learning rate of both steps, decayed by a cosine schedule to 1% over ``epochs``.
-    epochs : int
-        Epochs of ``fit`` (one random crop of every training image per epoch).
     max_side : int or None
         Working resolution: images whose longer side exceeds this are trained on and
         segmented at a reduced resolution (longer side = ``max_side``), scores upsampled
@@ -530,7 +548,8 @@ class WNet(SegmentationMethod):
         BSDS resolution, gave K fragments per 96-px crop, ~500 per image).
     pretrained : bool
         Without ``fit`` or ``--model``, use the model shipped with the lab (trained on
-        BSDS500 train+val images, labels unused) when ``n_classes`` and ``width`` match it.
+        BSDS500 train+val images, labels unused) when ``n_classes``, ``network__width``
+        and ``max_side`` match it.
     n_threads : int or None
         torch intra-op threads during ``fit`` and ``predict`` (None = torch's setting); the
         previous setting is restored afterwards. On a CPU shared with other busy processes,
@@ -544,27 +563,22 @@ class WNet(SegmentationMethod):
                "+ reconstruction; shipped BSDS500 model")
     supervision = "unlabeled"
     produces_scores = True
+    trains_network = True
     # `unsup segment --hierarchy` merge order: the softmax is confident almost everywhere, so
     # its total-variation distance alone orders merges poorly; scores x image gradient was
     # best on BSDS500 train (SC ODS 0.468 vs 0.411 scores; docs/benchmarks/wnet.md)
     hierarchy_strength = "combined"
 
-    def __init__(self, *, n_classes: int = 8, width: int = 16, dropout: float = 0.1,
-                 ncut_weight: float = 1.0, radius: int = 5, sigma_i: float = 10.0,
-                 sigma_x: float = 4.0, crop_size: int = 128, batch_size: int = 8,
-                 lr: float = 3e-3, epochs: int = 36, max_side: int | None = 224,
-                 pretrained: bool = True, n_threads: int | None = None, seed: int = 0):
+    def __init__(self, *, n_classes: int = 8, network=None, ncut_weight: float = 1.0,
+                 radius: int = 5, sigma_i: float = 10.0, sigma_x: float = 4.0,
+                 max_side: int | None = 224, pretrained: bool = True,
+                 n_threads: int | None = None, seed: int = 0):
         self.n_classes = n_classes
-        self.width = width
-        self.dropout = dropout
+        self.network = WNetNetwork.coerce(network, name="network")
         self.ncut_weight = ncut_weight
         self.radius = radius
         self.sigma_i = sigma_i
         self.sigma_x = sigma_x
-        self.crop_size = crop_size
-        self.batch_size = batch_size
-        self.lr = lr
-        self.epochs = epochs
         self.max_side = max_side
         self.pretrained = pretrained
         self.n_threads = n_threads
@@ -572,72 +586,72 @@ class WNet(SegmentationMethod):
 
     # -- checks -----------------------------------------------------------------------------
     def _check_params(self) -> None:
+        params = self.get_params(deep=True)  # the names users set, network__width included
+
         def positive_int(name, minimum=1):
-            value = getattr(self, name)
+            value = params[name]
             if not isinstance(value, int | np.integer) or isinstance(value, bool) \
                     or value < minimum:
                 raise ValueError(f"wnet: {name} must be an integer >= {minimum}, got {value!r}")
 
         positive_int("n_classes", 2)
-        positive_int("width")
+        positive_int("network__width")
         positive_int("radius")
-        positive_int("crop_size", STRIDE)
-        positive_int("batch_size")
-        positive_int("epochs", 0)
-        if self.crop_size % STRIDE:
-            raise ValueError(f"wnet: crop_size must be a multiple of {STRIDE}, "
-                             f"got {self.crop_size}")
-        if not 0 <= float(self.dropout) < 1:
-            raise ValueError(f"wnet: dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("sigma_i", "sigma_x", "lr"):
-            if not float(getattr(self, name)) > 0:
-                raise ValueError(f"wnet: {name} must be positive, got {getattr(self, name)!r}")
+        positive_int("network__crop_size", STRIDE)
+        positive_int("network__batch_size")
+        positive_int("network__epochs", 0)
+        if self.network.crop_size % STRIDE:
+            raise ValueError(f"wnet: network__crop_size must be a multiple of {STRIDE}, "
+                             f"got {self.network.crop_size}")
+        if not 0 <= float(self.network.dropout) < 1:
+            raise ValueError(f"wnet: network__dropout must be in [0, 1), "
+                             f"got {self.network.dropout!r}")
+        for name in ("sigma_i", "sigma_x", "network__lr"):
+            if not float(params[name]) > 0:
+                raise ValueError(f"wnet: {name} must be positive, got {params[name]!r}")
         if not float(self.ncut_weight) >= 0:
             raise ValueError(f"wnet: ncut_weight must be >= 0, got {self.ncut_weight!r}")
         if self.max_side is not None and int(self.max_side) < STRIDE:
             raise ValueError(f"wnet: max_side must be None or >= {STRIDE}, got {self.max_side}")
 
     def _build(self):
-        return build_wnet(int(self.n_classes), width=int(self.width), dropout=float(self.dropout))
+        return build_wnet(int(self.n_classes), width=int(self.network.width),
+                          dropout=float(self.network.dropout))
 
     # -- learning ---------------------------------------------------------------------------
-    def fit(self, samples, *, val_samples=None, out_dir=None, epochs: int | None = None,
-            max_minutes: float | None = None, resume: bool = False, progress: bool = False):
+    def fit(self, samples, *, val_samples=None, run: RunOptions | None = None,
+            progress: bool = False):
         """Train W-Net on the images of ``samples`` (annotations are ignored).
 
         Parameters
         ----------
         samples : iterable of unsup.datasets.Sample
-            Streamed once into an on-disk image cache under ``out_dir``.
+            Streamed once into an on-disk image cache under ``run.out_dir``.
         val_samples : iterable of Sample, optional
             When given, the centre crop of each image is used to report validation n-cut
             and reconstruction losses every epoch.
-        out_dir : path-like, optional
-            Training directory (checkpoint.pt, history.json, curves.png, image cache);
-            a temporary directory when None.
-        epochs : int, optional
-            Overrides the ``epochs`` hyper-parameter.
-        max_minutes : float, optional
-            Time budget; training stops cleanly after the step that spends it.
-        resume : bool
-            Continue from ``out_dir/checkpoint.pt``.
+        run : RunOptions, optional
+            ``out_dir`` (checkpoint.pt, history.json, curves.png, image cache; a temporary
+            directory when None), ``epochs`` (overrides ``network__epochs``),
+            ``max_minutes`` (training stops cleanly after the step that spends it) and
+            ``resume`` (continue from ``out_dir/checkpoint.pt``).
         progress : bool
 
         Returns
         -------
         self
         """
-        from unsup.training import train
-
+        run = RunOptions() if run is None else run
         self._check_params()
-        epochs = int(self.epochs if epochs is None else epochs)
-        with _torch_threads(self.n_threads):
-            return self._fit(train, samples, val_samples=val_samples, out_dir=out_dir,
-                             epochs=epochs, max_minutes=max_minutes, resume=resume,
+        epochs = int(self.network.epochs if run.epochs is None else run.epochs)
+        with torch_threads(self.n_threads, flush_denormal=True):
+            return self._fit(samples, val_samples=val_samples, out_dir=run.out_dir,
+                             epochs=epochs, max_minutes=run.max_minutes, resume=run.resume,
                              progress=progress)
 
-    def _fit(self, train, samples, *, val_samples, out_dir, epochs, max_minutes, resume,
-             progress):
+    def _fit(self, samples, *, val_samples, out_dir, epochs, max_minutes, resume, progress):
+        from unsup.nn.loop import train
+
         temporary = out_dir is None
         out_dir = Path(tempfile.mkdtemp(prefix="wnet-")) if temporary else Path(out_dir)
         try:
@@ -648,12 +662,12 @@ class WNet(SegmentationMethod):
                     shutil.rmtree(cache_dir)
                 cache = ImageCache.build(samples, cache_dir, max_side=self.max_side,
                                          progress=progress)
-            batches = CropBatches(cache, batch_size=int(self.batch_size),
-                                  crop_size=int(self.crop_size), seed=int(self.seed))
+            batches = CropBatches(cache, batch_size=int(self.network.batch_size),
+                                  crop_size=int(self.network.crop_size), seed=int(self.seed))
             val_batches = self._val_batches(val_samples) if val_samples is not None else None
-            _seed_torch(int(self.seed))
+            seed_all(int(self.seed))
             model = self._build()
-            task = WNetTask(model, epochs=epochs, lr=float(self.lr),
+            task = WNetTask(model, epochs=epochs, lr=float(self.network.lr),
                             ncut_weight=float(self.ncut_weight), radius=int(self.radius),
                             sigma_i=float(self.sigma_i), sigma_x=float(self.sigma_x),
                             val_batches=val_batches)
@@ -671,6 +685,9 @@ class WNet(SegmentationMethod):
                 shutil.rmtree(out_dir, ignore_errors=True)
         return self
 
+    def training_history(self) -> dict:
+        return dict(getattr(self, "training_", {}))
+
     def _val_batches(self, val_samples):
         import torch
 
@@ -681,10 +698,10 @@ class WNet(SegmentationMethod):
             image = _limit_side(check_image(sample.image), self.max_side)
             rng = np.random.default_rng([int(self.seed), i, 0x7A1])
             crop, valid = random_crop(image, np.ones(image.shape[:2], np.uint8),
-                                      int(self.crop_size), rng=rng, ignore_index=0)
+                                      int(self.network.crop_size), rng=rng, ignore_index=0)
             images.append(crop.transpose(2, 0, 1))
             masks.append(valid.astype(bool))
-            if len(images) == int(self.batch_size):
+            if len(images) == int(self.network.batch_size):
                 batches.append((torch.from_numpy(np.stack(images)),
                                 torch.from_numpy(np.stack(masks))))
                 images, masks = [], []
@@ -697,7 +714,11 @@ class WNet(SegmentationMethod):
         if not self.pretrained or not (DEFAULT_MODEL_DIR / "model.json").is_file():
             return False
         shipped = json.loads((DEFAULT_MODEL_DIR / "model.json").read_text())["params"]
-        return all(shipped.get(p) == getattr(self, p) for p in SHIPPED_MATCH_PARAMS)
+        flat = {f"{k}__{key}" if isinstance(v, dict) else k: (v[key] if isinstance(v, dict)
+                                                            else v)
+                for k, v in shipped.items() for key in (v if isinstance(v, dict) else [k])}
+        mine = self.get_params(deep=True)
+        return all(flat.get(p) == mine[p] for p in SHIPPED_MATCH_PARAMS)
 
     def is_fitted(self) -> bool:
         return hasattr(self, "network_") or self._shipped_applies()
@@ -740,14 +761,14 @@ class WNet(SegmentationMethod):
         image = check_image(image)
         self._check_params()
         network = self._network()
-        with _torch_threads(self.n_threads):
+        with torch_threads(self.n_threads, flush_denormal=True):
             return self._predict(network, image)
 
     def _predict(self, network, image):
         import torch
         import torch.nn.functional as F
 
-        device = _device()
+        device = resolve_device()
         network = network.to(device).eval()
         h, w = image.shape[:2]
         work = _limit_side(image, self.max_side)
@@ -783,7 +804,7 @@ class WNet(SegmentationMethod):
             network.load_state_dict(state)
         except RuntimeError as exc:
             raise ValueError(f"wnet: weights do not fit n_classes={self.n_classes}, "
-                             f"width={self.width}: {exc}") from None
+                             f"network__width={self.network.width}: {exc}") from None
         self.network_ = network.eval()
 
     def save(self, directory):
@@ -794,29 +815,3 @@ class WNet(SegmentationMethod):
             atomic_write_bytes(Path(directory) / "training.json",
                                json.dumps(self.training_, indent=2).encode())
         return directory
-
-
-def _seed_torch(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def _torch_threads(n_threads: int | None):
-    """Run with ``n_threads`` torch intra-op threads (None = unchanged) and denormal floats
-    flushed to zero (Adam's second moments otherwise hit slow denormal arithmetic on CPU)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if n_threads is not None:
-        if int(n_threads) < 1:
-            raise ValueError(f"wnet: n_threads must be >= 1 or None, got {n_threads!r}")
-        torch.set_num_threads(int(n_threads))
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-        torch.set_num_threads(previous)
-

@@ -72,11 +72,11 @@ def mined_quality(train_spec: str, model_dir: Path, *, classes=None, ignore_inde
     from unsup.augment import resize_labels
     from unsup.datasets import open_dataset
     from unsup.io import read_label_map
-    from unsup.training import IGNORE, restrict_classes
+    from unsup.nn.losses import IGNORE
 
     ds = open_dataset(train_spec, ignore_index=ignore_index, boxes_from_masks=False)
     if classes:
-        ds = restrict_classes(ds, classes)
+        ds = ds.restrict_classes(classes)
     rounds = sorted((model_dir / "mined").glob("round_*"), key=lambda p: int(p.name[6:]))
     stats = {r.name: {"inter": {}, "union": {}, "ignored": 0, "pixels": 0} for r in rounds}
     stats["filled_boxes"] = {"inter": {}, "union": {}, "ignored": 0, "pixels": 0}
@@ -154,8 +154,8 @@ def main(argv=None) -> int:
     from unsup.compare import compare
 
     torch.set_num_threads(args.threads)
-    defaults = {"decoder": "unet", "max_side": 224, "crop_size": 160, "batch_size": 8,
-                "freeze_blocks": 4, "boxsup.rounds": 3}
+    defaults = {"network__decoder": "unet", "max_side": 224, "augment__crop_size": 160,
+                "network__batch_size": 8, "network__freeze_blocks": 4, "boxsup.rounds": 3}
     methods = args.methods.split(",")
     # a default scoped to a method that is not compared would be refused by compare()
     defaults = {k: v for k, v in defaults.items() if "." not in k or k.split(".")[0] in methods}

@@ -11,7 +11,7 @@ Subcommands (each one command; data paths are arguments):
     BSDS500 (``--root``, ``--split``), per image, on a fixed subset (``--n-images``, the first
     ids in sorted order, the same for every row): ``matched`` protocol on the labels and
     ``bsds`` protocol on the hierarchies (JULE's own dendrogram UCM from
-    ``Segmentation.info["ucm"]``; other methods through ``unsup.hierarchy``), with and without
+    ``Segmentation.hierarchy``; other methods through ``unsup.hierarchy``), with and without
     the dense CRF. Also the median seconds per image of each row.
 ``camvid``
     CamVid (``--images``, ``--masks``, ignore index 11), dataset scope, ``hungarian`` protocol:
@@ -168,8 +168,8 @@ DEFAULT_BSDS_ROWS = [
 def _run_rows(rows, dataset, out: Path, *, hierarchy: bool, seed: int):
     from unsup.hierarchy import ultrametric_contour_map
     from unsup.io import atomic_write_bytes, write_label_map, write_ultrametric_map
+    from unsup.nn.runtime import seed_all as seed_everything
     from unsup.registry import create_method
-    from unsup.runner import seed_everything
 
     crf_obj = None
     timings = {}
@@ -199,7 +199,7 @@ def _run_rows(rows, dataset, out: Path, *, hierarchy: bool, seed: int):
                 seg = crf_obj.refine_segmentation(image, seg)
             secs.append(time.perf_counter() - t0)
             if hierarchy:
-                own = seg.info.get("ucm") if not crf else None
+                own = seg.hierarchy if not crf else None
                 ucm = own if own is not None else ultrametric_contour_map(image, seg)
                 write_ultrametric_map(hier_path, ucm)
             write_label_map(lab_path, seg.labels)

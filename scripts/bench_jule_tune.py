@@ -2,7 +2,7 @@
 
 For every configuration (``jule`` parameters, or another method) the script runs ``predict``
 once per image and caches the labels and the hierarchy (JULE's own dendrogram contour map
-from ``Segmentation.info["ucm"]``; other methods through ``unsup.hierarchy``). From the cache
+from ``Segmentation.hierarchy``; other methods through ``unsup.hierarchy``). From the cache
 it scores, on the same images:
 
 - the method's own labels: ``matched`` mIoU all / fine / coarse, AP50, AP70, segments;
@@ -55,8 +55,8 @@ def predict_cached(config: str, dataset, out: Path, *, seed: int):
     from bench_jule import _parse_row
 
     from unsup.hierarchy import ultrametric_contour_map
+    from unsup.nn.runtime import seed_all as seed_everything
     from unsup.registry import create_method
-    from unsup.runner import seed_everything
 
     label, name, params, crf = _parse_row(config)
     row_dir = out / _safe(label)
@@ -80,7 +80,7 @@ def predict_cached(config: str, dataset, out: Path, *, seed: int):
         if crf_obj is not None:
             seg = crf_obj.refine_segmentation(image, seg)
         secs[record.id] = time.perf_counter() - t0
-        own = seg.info.get("ucm") if crf_obj is None else None
+        own = seg.hierarchy if crf_obj is None else None
         ucm = own if own is not None else ultrametric_contour_map(image, seg)
         np.savez_compressed(path, labels=seg.labels.astype(np.int32),
                             ucm=np.asarray(ucm, np.uint16))

@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
+    from unsup.base import RunOptions
     from unsup.datasets import open_dataset
     from unsup.registry import create_method
 
@@ -82,15 +83,16 @@ def main(argv=None) -> int:
     if args.n_threads is not None:
         params["n_threads"] = args.n_threads
     if args.epochs is not None:
-        params["epochs"] = args.epochs  # recorded in model.json
+        params["network__epochs"] = args.epochs  # recorded in model.json
     splits = args.split or [None]
     datasets = [open_dataset(args.data, split=s) if s else open_dataset(args.data)
                 for s in splits]
     samples = _Chain(datasets)
     method = create_method("wnet", **params)
     t0 = time.time()
-    method.fit(samples, out_dir=args.out / "training", max_minutes=args.max_minutes,
-               resume=args.resume, progress=not args.no_progress)
+    method.fit(samples, run=RunOptions(out_dir=args.out / "training",
+                                       max_minutes=args.max_minutes, resume=args.resume),
+               progress=not args.no_progress)
     minutes = (time.time() - t0) / 60
     previous = args.out / "training.json"
     invocations = []

@@ -22,14 +22,20 @@ from methods.boxsup import (
     tightness_loss,
 )
 from unsup.augment import resize_labels
+from unsup.base import RunOptions
 from unsup.datasets import Box, boxes_from_masks, open_dataset
 from unsup.io import read_label_map, write_image, write_label_map
+from unsup.nn.losses import IGNORE
 from unsup.proposals import box_candidates, box_iou_scores
+from unsup.registry import create_method
 from unsup.synthetic import make_shapes_dataset, make_shapes_image
-from unsup.training import IGNORE, BoxesOnlyDataset
 
-TINY = dict(decoder="fcn", max_side=48, crop_size=48, batch_size=4, lr=3e-3,
-            flip_test=False)
+TINY = dict(network__decoder="fcn", max_side=48, augment__crop_size=48,
+            network__batch_size=4, network__lr=3e-3, flip_test=False)
+
+
+def boxsup(**params) -> BoxSup:
+    return create_method("boxsup", **params)
 
 
 
@@ -200,9 +206,9 @@ def _dataset(root):
 def test_short_training_run_mines_masks_better_than_boxes(shapes_root, tmp_path):
     full = _dataset(shapes_root)
     # the BoxSup paper's training (the tightness prior has its own test below)
-    method = BoxSup(rounds=2, epochs=2, tightness_weight=0.0, tightness_ignore=False,
+    method = boxsup(rounds=2, network__epochs=2, tightness_weight=0.0, tightness_ignore=False,
                     network_override=None, **TINY)
-    method.fit(BoxesOnlyDataset(full), out_dir=tmp_path)
+    method.fit(full.boxes_only(), run=RunOptions(out_dir=tmp_path))
     for r in (0, 1):
         folder = tmp_path / "mined" / f"round_{r}"
         summary = json.loads((folder / "summary.json").read_text())
@@ -230,14 +236,14 @@ def test_short_training_run_mines_masks_better_than_boxes(shapes_root, tmp_path)
 
 
 def test_resume_continues_the_same_run(shapes_root, tmp_path):
-    ds = BoxesOnlyDataset(_dataset(shapes_root))
-    opts = dict(rounds=2, epochs=2, **TINY)
-    a = BoxSup(**opts).fit(ds, out_dir=tmp_path / "a")
-    b = BoxSup(**opts)
-    b.fit(ds, out_dir=tmp_path / "b", max_minutes=0.001)  # stops after its first step
+    ds = _dataset(shapes_root).boxes_only()
+    opts = dict(rounds=2, network__epochs=2, **TINY)
+    a = boxsup(**opts).fit(ds, run=RunOptions(out_dir=tmp_path / "a"))
+    b = boxsup(**opts)
+    b.fit(ds, run=RunOptions(out_dir=tmp_path / "b", max_minutes=0.001))  # stops after its first step
     hb = json.loads((tmp_path / "b" / "history.json").read_text())
     assert hb["stopped"] == "time_budget" and len(hb["epochs"]) < 2
-    b2 = BoxSup(**opts).fit(ds, out_dir=tmp_path / "b", resume=True)
+    b2 = boxsup(**opts).fit(ds, run=RunOptions(out_dir=tmp_path / "b", resume=True))
     for sample_id in ds.ids:  # so the round-1 masks come from the same weights
         np.testing.assert_array_equal(
             read_label_map(tmp_path / "a" / "mined" / "round_1" / "labels" / f"{sample_id}.png"),
@@ -271,9 +277,9 @@ def test_boxsup_result_does_not_depend_on_masks(tmp_path):
         assert sa.boxes == sb.boxes
         differs.append(not np.array_equal(sa.label_map, sb.label_map))
     assert sum(differs) >= 2  # ellipses differ from their filled boxes
-    kw = dict(rounds=2, epochs=2, **TINY)
-    a = BoxSup(**kw).fit(BoxesOnlyDataset(a_ds), out_dir=tmp_path / "ra")
-    b = BoxSup(**kw).fit(BoxesOnlyDataset(b_ds), out_dir=tmp_path / "rb")
+    kw = dict(rounds=2, network__epochs=2, **TINY)
+    a = boxsup(**kw).fit(a_ds.boxes_only(), run=RunOptions(out_dir=tmp_path / "ra"))
+    b = boxsup(**kw).fit(b_ds.boxes_only(), run=RunOptions(out_dir=tmp_path / "rb"))
     for sample in a_ds:
         for r in (0, 1):
             la = read_label_map(tmp_path / "ra" / "mined" / f"round_{r}" / "labels" /
@@ -291,13 +297,10 @@ def test_unsup_train_never_gives_masks_to_boxsup(shapes_root, tmp_path, monkeypa
     seen = []
     original = BoxSup.fit
 
-    def spy(self, samples, *, val_samples=None, out_dir=None, epochs=None, max_minutes=None,
-            resume=False, progress=False):
+    def spy(self, samples, *, val_samples=None, run=None, progress=False):
         for s in samples:
             seen.append((s.ground_truth, s.boundaries, s.boxes))
-        return original(self, samples, val_samples=val_samples, out_dir=out_dir,
-                        epochs=epochs, max_minutes=max_minutes, resume=resume,
-                        progress=progress)
+        return original(self, samples, val_samples=val_samples, run=run, progress=progress)
 
     monkeypatch.setattr(BoxSup, "fit", spy)
     out = tmp_path / "model"
@@ -322,8 +325,9 @@ def test_unsup_train_max_minutes_stops_in_time(shapes_root, tmp_path):
     out = tmp_path / "model"
     args = ["train", "--method", "supervised", "--data",
             f"masks:{shapes_root}/images:{shapes_root}/masks", "--out", str(out),
-            "--epochs", "500", "--max-minutes", "0.05", "--no-progress", "-p", "batch_size=2"]
-    args += [x for k, v in TINY.items() if k != "batch_size" for x in ("-p", f"{k}={v}")]
+            "--epochs", "500", "--max-minutes", "0.05", "--no-progress", "-p", "network__batch_size=2"]
+    args += [x for k, v in TINY.items() if k != "network__batch_size"
+             for x in ("-p", f"{k}={v}")]
     t0 = time.monotonic()
     assert main(args) == 0
     elapsed = time.monotonic() - t0
@@ -334,7 +338,7 @@ def test_unsup_train_max_minutes_stops_in_time(shapes_root, tmp_path):
     model = load_method(out)
     sample = open_dataset(f"masks:{shapes_root}/images:{shapes_root}/masks").load(0)
     assert model.predict(sample.image).labels.shape == sample.image.shape[:2]
-    from unsup.training import load_checkpoint
+    from unsup.nn.loop import load_checkpoint
 
     before = load_checkpoint(out / "checkpoint.pt")
     stale = out / ".checkpoint.pt.k1ll3d.tmp"  # what a kill -9 during a save leaves
@@ -355,10 +359,10 @@ def test_resume_with_other_settings_names_the_difference(shapes_root, tmp_path, 
     args += [x for k, v in TINY.items() for x in ("-p", f"{k}={v}")]
     assert main(args) == 0
     capsys.readouterr()
-    other = [a if a != "decoder=fcn" else "decoder=unet" for a in args]
+    other = [a if a != "network__decoder=fcn" else "network__decoder=unet" for a in args]
     assert main(other + ["--resume"]) == 2
     err = capsys.readouterr().err
-    assert "params.decoder: 'fcn' before, 'unet' now" in err and "Traceback" not in err
+    assert "params.network.decoder: 'fcn' before, 'unet' now" in err and "Traceback" not in err
     boxes = ["train", "--method", "boxsup", "--boxes-from-masks", "-p", "rounds=1",
              *args[3:]]
     assert main(boxes + ["--resume"]) == 2
@@ -569,16 +573,16 @@ def test_tightness_loss_skips_speck_boxes_below_min_side():
 
 def test_negative_tightness_weight_is_refused(shapes_root, tmp_path):
     with pytest.raises(ValueError, match="tightness_weight must be a number >= 0"):
-        BoxSup(epochs=1, tightness_weight=-0.5, **TINY).fit(
-            BoxesOnlyDataset(_dataset(shapes_root)), out_dir=tmp_path)
+        boxsup(network__epochs=1, tightness_weight=-0.5, **TINY).fit(
+            _dataset(shapes_root).boxes_only(), run=RunOptions(out_dir=tmp_path))
 
 
 @pytest.mark.parametrize("param,value", [("network_fill", 1.5), ("network_override", -0.1),
                                          ("network_override", "x"), ("tightness_min_side", 0)])
 def test_out_of_range_options_are_refused(shapes_root, tmp_path, param, value):
     with pytest.raises(ValueError, match=f"{param} must be"):
-        BoxSup(epochs=1, **{param: value}, **TINY).fit(
-            BoxesOnlyDataset(_dataset(shapes_root)), out_dir=tmp_path)
+        boxsup(network__epochs=1, **{param: value}, **TINY).fit(
+            _dataset(shapes_root).boxes_only(), run=RunOptions(out_dir=tmp_path))
 
 
 def test_rounds_share_the_epochs_evenly():
@@ -590,8 +594,8 @@ def test_rounds_share_the_epochs_evenly():
 
 def test_short_training_run_with_tightness_prior(shapes_root, tmp_path):
     full = _dataset(shapes_root)
-    method = BoxSup(rounds=2, epochs=2, tightness_weight=1.0, tightness_ignore=True, **TINY)
-    method.fit(BoxesOnlyDataset(full), out_dir=tmp_path)
+    method = boxsup(rounds=2, network__epochs=2, tightness_weight=1.0, tightness_ignore=True, **TINY)
+    method.fit(full.boxes_only(), run=RunOptions(out_dir=tmp_path))
     history = json.loads((tmp_path / "history.json").read_text())
     assert all(e["tightness"] >= 0 for e in history["epochs"])
     m_iou, b_iou = [], []

@@ -7,7 +7,8 @@ import pytest
 
 from unsup.synthetic import make_shapes_dataset
 
-TINY = dict(decoder="fcn", max_side=48, crop_size=48, batch_size=4, lr=3e-3, flip_test=False)
+TINY = dict(network__decoder="fcn", max_side=48, augment__crop_size=48, network__batch_size=4,
+            network__lr=3e-3, flip_test=False)
 
 
 
@@ -38,7 +39,7 @@ def test_compare_writes_table_json_and_report(specs, tmp_path, capsys):
         assert set(entry["per_class_iou"]) == {"0", "1", "2"}
         assert entry["train_seconds"] > 0
         assert entry["crf"] is not None and 0.0 <= entry["crf"]["miou"] <= 1.0
-        assert entry["params"]["decoder"] == "fcn" and entry["params"]["seed"] == 0
+        assert entry["params"]["network"]["decoder"] == "fcn" and entry["params"]["seed"] == 0
     assert results["boxsup"]["ratio_to_masks"] == pytest.approx(
         results["boxsup"]["miou"] / results["supervised"]["miou"])
     assert results["boxsup"]["params"]["rounds"] == 1
@@ -59,10 +60,10 @@ def test_compare_writes_table_json_and_report(specs, tmp_path, capsys):
 def test_split_params_dispatch_and_errors():
     from unsup.compare import CompareError, split_params
 
-    out = split_params({"lr": 0.1, "boxsup.rounds": 2, "supervised.decoder": "unet"},
-                       ["boxsup", "supervised"])
-    assert out == {"boxsup": {"lr": 0.1, "rounds": 2},
-                   "supervised": {"lr": 0.1, "decoder": "unet"}}
+    out = split_params({"network__lr": 0.1, "boxsup.rounds": 2,
+                        "supervised.network__decoder": "unet"}, ["boxsup", "supervised"])
+    assert out == {"boxsup": {"network__lr": 0.1, "rounds": 2},
+                   "supervised": {"network__lr": 0.1, "network__decoder": "unet"}}
     with pytest.raises(CompareError, match="no compared method"):
         split_params({"rounds": 2}, ["supervised"])
     with pytest.raises(CompareError, match="not one of the compared"):

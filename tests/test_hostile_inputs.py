@@ -189,7 +189,7 @@ def test_weights_defects_name_the_file_and_never_suggest_unsafe_loading(tmp_path
 
     from unsup.registry import create_method
 
-    method = create_method("supervised", pretrained=False)
+    method = create_method("supervised", network__pretrained=False)
     method.network_ = method._build_network(2, pretrained=False)
     method.n_classes_ = 2
     model = method.save(tmp_path / "model")

@@ -182,7 +182,7 @@ def test_hierarchy_is_the_dendrogram(shapes):
 
     image, truth = shapes
     seg = _fast().predict(image)
-    ucm = seg.info["ucm"]
+    ucm = seg.hierarchy
     assert ucm.dtype == np.uint16 and ucm.shape == truth.shape and ucm.max() > 0
     # cutting just above the level at which n_clusters was reached gives the labels back, up
     # to the lab format's known junction effects (a few leaves joined late): no two clusters
@@ -238,7 +238,7 @@ def test_same_seed_same_labels(shapes):
     a = _fast(seed=3).predict(image)
     b = _fast(seed=3).predict(image)
     assert np.array_equal(a.labels, b.labels)
-    assert np.array_equal(a.info["ucm"], b.info["ucm"])
+    assert np.array_equal(a.hierarchy, b.hierarchy)
 
 
 def test_input_not_mutated_and_bad_params(shapes):

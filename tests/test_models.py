@@ -1,4 +1,4 @@
-"""Segmentation networks (unsup.models): shapes for any input size, padding does not leak,
+"""Segmentation networks (unsup.nn.networks): shapes for any input size, padding does not leak,
 the three decoders train, probabilities are valid. Uses a small stand-in encoder (fast);
 one test builds the real EfficientNet-Lite0 network."""
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from unsup.models import DECODERS, Segmenter, build_segmenter, predict_probabilities
+from unsup.nn.networks import DECODERS, Segmenter, build_segmenter, predict_probabilities
 
 
 class TinyEncoder(nn.Module):

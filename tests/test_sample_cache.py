@@ -1,7 +1,7 @@
 """The training sample cache is reused only for the same data."""
 
-from methods.supervised import SampleCache
 from unsup.datasets import open_dataset
+from unsup.nn.data import SampleCache
 from unsup.synthetic import make_shapes_dataset
 
 

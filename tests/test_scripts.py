@@ -74,8 +74,8 @@ def test_bench_boxsup_horse_split_trains_both_methods(tmp_path):
     out = tmp_path / "out"
     assert _script("bench_boxsup").main([
         "horse", "--images", str(tmp_path / "horse"), "--masks", str(tmp_path / "mask"),
-        "--out", str(out), "--epochs", "1", "--no-progress", "-p", "decoder=fcn",
-        "-p", "max_side=48", "-p", "crop_size=48", "-p", "batch_size=4",
+        "--out", str(out), "--epochs", "1", "--no-progress", "-p", "network__decoder=fcn",
+        "-p", "max_side=48", "-p", "augment__crop_size=48", "-p", "network__batch_size=4",
         "-p", "boxsup.rounds=1"]) == 0
     split = json.loads((out / "data" / "split.json").read_text())
     assert (split["n_train"], split["n_test"]) == (4, 1)
@@ -183,7 +183,8 @@ def test_bench_kmeans_run_evaluate_speed_features(camvid_like, tmp_path, capsys)
 
 def test_train_wnet_default_then_bench_wnet(bsds_root, tmp_path):
     model = tmp_path / "wnet"
-    tiny = ["n_classes=4", "width=4", "crop_size=32", "batch_size=3", "epochs=2",
+    tiny = ["n_classes=4", "network__width=4", "network__crop_size=32", "network__batch_size=3",
+            "network__epochs=2",
             "pretrained=false"]
     assert _script("train_wnet_default").main(
         ["--data", f"bsds500:{bsds_root}", "--split", "val", "--out", str(model),

@@ -1,5 +1,5 @@
-"""The shared training loop (unsup.training): checkpoints, resume, time budget, early
-stopping, history; the segmentation loss / metrics; augmentation; dataset views."""
+"""The training package (unsup.nn): the loop's checkpoints, resume, time budget, early
+stopping and history; the segmentation loss; validation scores; augmentation."""
 
 import json
 import time
@@ -10,20 +10,11 @@ import torch
 from torch import nn
 
 from unsup.augment import augment_pair, resize_labels
-from unsup.training import (
-    IGNORE,
-    BoxesOnlyDataset,
-    SegmentationTask,
-    SegmentationTrainingSet,
-    TrainingHistory,
-    confusion_matrix,
-    iou_from_confusion,
-    load_checkpoint,
-    make_batch_maker,
-    restrict_classes,
-    segmentation_loss,
-    train,
-)
+from unsup.nn.data import SegmentationTrainingSet, make_batch_maker
+from unsup.nn.loop import TrainingHistory, load_checkpoint, train
+from unsup.nn.losses import IGNORE, segmentation_loss
+from unsup.nn.task import SegmentationTask
+from unsup.nn.validation import validation_scores
 
 
 class ToyTask:
@@ -218,16 +209,20 @@ def test_segmentation_loss_ignores_void_and_dice_adds():
     zero.backward()  # still differentiable
 
 
-def test_confusion_and_iou():
+def test_validation_scores_use_the_harness_counts():
     truth = np.array([[0, 0, 1, 1], [2, 2, IGNORE, 1]])
     pred = np.array([[0, 1, 1, 1], [2, 0, 2, 1]])
-    cm = confusion_matrix(pred, truth, 3)
-    assert cm.sum() == 7
-    iou = iou_from_confusion(cm)
-    np.testing.assert_allclose(iou, [1 / 3, 3 / 4, 1 / 2])
-    assert np.isnan(iou_from_confusion(confusion_matrix(pred * 0, truth * 0, 2))[1])
-    with pytest.raises(ValueError, match="predicted labels"):
-        confusion_matrix(pred + 5, truth, 3)
+    scores = validation_scores([(pred, truth)], 3)
+    np.testing.assert_allclose(scores["miou"], np.mean([1 / 3, 3 / 4, 1 / 2]))
+    np.testing.assert_allclose(scores["pixel_accuracy"], 5 / 7)
+    # a class absent from truth and prediction does not count; two classes give fg_iou
+    two = validation_scores([(pred * 0, truth * 0)], 2)
+    assert two["miou"] == 1.0 and two["fg_iou"] == 0.0
+    # a predicted id the network has no class for is an error, never a match
+    wrong = validation_scores([(pred + 5, truth)], 3)
+    assert wrong["miou"] == 0.0 and wrong["pixel_accuracy"] == 0.0
+    with pytest.raises(ValueError, match="outside the network's 3 classes"):
+        validation_scores([(pred, truth + 3)], 3)
 
 
 def test_augment_pair_keeps_image_and_target_aligned():
@@ -300,53 +295,16 @@ def test_segmentation_task_learns_and_round_trips(tmp_path):
     maker = make_batch_maker(ds, batch_size=4, seed=0)
 
     def validator(m):
-        cm = np.zeros((2, 2), np.int64)
+        pairs = []
         for i in range(8):
             image, target = load_pair(i)
             with torch.inference_mode():
                 x = torch.from_numpy(image.transpose(2, 0, 1)).float()[None]
-                pred = m(x).argmax(1)[0].numpy()
-            cm += confusion_matrix(pred, target, 2)
-        return {"miou": float(np.nanmean(iou_from_confusion(cm)))}
+                pairs.append((m(x).argmax(1)[0].numpy(), target))
+        return validation_scores(pairs, 2)
 
     task = SegmentationTask(model, lr=0.05, total_steps=16, validator=validator, device="cpu")
     hist = train(task, maker, out_dir=tmp_path, epochs=8, progress=False, monitor="miou")
     assert hist.best_value > 0.9
     assert hist.epochs[-1]["loss"] < hist.epochs[0]["loss"]
     del rng
-
-
-def _tiny_dataset(tmp_path):
-    from unsup.datasets import open_dataset
-    from unsup.synthetic import make_shapes_dataset
-
-    root = make_shapes_dataset(tmp_path / "shapes", 3, shape=(40, 50), n_shapes=2)
-    return open_dataset(f"masks:{root}/images:{root}/masks", boxes_from_masks=True)
-
-
-def test_boxes_only_dataset_strips_masks(tmp_path):
-    ds = _tiny_dataset(tmp_path)
-    view = BoxesOnlyDataset(ds)
-    assert len(view) == 3 and view.ids == ds.ids
-    for s in list(view) + [view.load(0)]:
-        assert s.ground_truth is None and s.boundaries is None
-        assert s.boxes and all(b.label in (1, 2) for b in s.boxes)
-    assert ds.load(0).ground_truth is not None  # the wrapped dataset is untouched
-    from unsup.datasets import open_dataset
-
-    with pytest.raises(ValueError, match="has no boxes"):
-        BoxesOnlyDataset(open_dataset(str(tmp_path / "shapes" / "images")))
-
-
-def test_restrict_classes_remaps_labels_and_boxes(tmp_path):
-    ds = _tiny_dataset(tmp_path)
-    view = restrict_classes(ds, [2])
-    assert view.class_names == ["background", "2"]
-    for i in range(3):
-        orig, new = ds.load(i), view.load(i)
-        np.testing.assert_array_equal(new.label_map, (orig.label_map == 2).astype(np.int32))
-        assert [b.label for b in new.boxes] == [1] * sum(b.label == 2 for b in orig.boxes)
-    from unsup.datasets import DatasetError
-
-    with pytest.raises(DatasetError, match="unknown class 'zebra'"):
-        restrict_classes(ds, ["zebra"])

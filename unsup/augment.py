@@ -1,4 +1,4 @@
-"""Joint augmentation of an image and its label map for segmentation training.
+"""Resizing, and joint augmentation of an image and its label map for segmentation training.
 
 Random rescaling, a square crop (padding with zeros / the ignore label when the image is
 smaller than the crop), horizontal flip and colour jitter (brightness, contrast,
@@ -11,7 +11,18 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["augment_pair", "resize_image", "resize_labels", "random_crop", "color_jitter"]
+__all__ = ["augment_pair", "working_shape", "resize_image", "resize_labels", "random_crop",
+           "color_jitter"]
+
+
+def working_shape(shape, max_side: int | None) -> tuple[int, int]:
+    """(h, w) of ``shape`` with the longer side scaled down to ``max_side`` (never enlarged;
+    None = unchanged)."""
+    h, w = int(shape[0]), int(shape[1])
+    if max_side is None or max(h, w) <= int(max_side):
+        return h, w
+    s = int(max_side) / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
 
 
 def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

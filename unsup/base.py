@@ -103,12 +103,20 @@ class Segmentation:
         Per-pixel class scores (probabilities, rows summing to one) for the label ids
         ``0..C-1``, when the method has them. The dense CRF and the hierarchy use them.
     info : dict
-        Free-form per-image diagnostics (iterations, timings, ...), JSON-serialisable.
+        Free-form per-image diagnostics (iterations, timings, ...), JSON-serialisable
+        (checked: arrays belong in ``scores`` or ``hierarchy``).
+    hierarchy : ndarray of uint16, shape (H, W), optional
+        The method's own region hierarchy as an ultrametric contour map in the lab's format
+        (what ``unsup segment --hierarchy`` writes): pixel ``p`` carries the boundary with its
+        right and lower neighbours, ``value / 65535`` is the level in [0, 1] at which that
+        boundary disappears, 0 = no boundary. None: the hierarchy is built from the labels
+        (:func:`unsup.hierarchy.ultrametric_contour_map`).
     """
 
     labels: np.ndarray
     scores: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    hierarchy: np.ndarray | None = None
 
     def __post_init__(self):
         labels = np.asarray(self.labels)
@@ -131,6 +139,19 @@ class Segmentation:
                     f"labels go up to {labels.max()} but scores have only {scores.shape[0]} channels"
                 )
             self.scores = scores
+        if self.hierarchy is not None:
+            ucm = np.asarray(self.hierarchy)
+            if ucm.shape != labels.shape or not np.issubdtype(ucm.dtype, np.integer):
+                raise ValueError(f"hierarchy must be an integer (H, W) = {labels.shape} map, "
+                                 f"got {ucm.dtype} of shape {ucm.shape}")
+            if ucm.size and (ucm.min() < 0 or ucm.max() > 65535):
+                raise ValueError("hierarchy values must lie in 0..65535")
+            self.hierarchy = ucm.astype(np.uint16, copy=False)
+        try:
+            json.dumps(self.info, default=_json_scalar)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"info must be JSON-serialisable diagnostics ({exc}); per-pixel "
+                             "arrays belong in scores or hierarchy") from None
 
     @property
     def n_labels(self) -> int:
@@ -183,25 +204,45 @@ class SegmentationMethod(BaseEstimator):
         ``"unlabeled"`` (images only), ``"boxes"`` or ``"masks"``.
     produces_scores : bool
         Whether ``predict`` returns per-pixel scores.
+    trains_network : bool
+        Whether ``fit`` runs the training loop and so uses ``run`` (``epochs``,
+        ``max_minutes``, ``resume``, ``out_dir``); other methods ignore it, and
+        ``unsup train`` refuses those options for them.
+    hierarchy_strength : str
+        The boundary strength ``unsup segment --hierarchy --hierarchy-strength auto`` uses for
+        this method (one of :data:`unsup.hierarchy.STRENGTHS`; ``"auto"``: its scores when it
+        has them, else the image gradient).
+
+    Optional capabilities are methods with a neutral default here:
+    :meth:`default_model_info` and :meth:`training_history`.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     supervision: ClassVar[str] = "none"
     produces_scores: ClassVar[bool] = False
+    trains_network: ClassVar[bool] = False
+    hierarchy_strength: ClassVar[str] = "auto"
 
     # -- learning ---------------------------------------------------------------------------
     @property
     def requires_fit(self) -> bool:
         return self.supervision != "none"
 
-    def fit(self, samples, *, progress: bool = False):
+    def fit(self, samples, *, val_samples=None, run: RunOptions | None = None,
+            progress: bool = False):
         """Learn from a stream of samples (no-op for per-image methods).
+
+        Every method has this signature.
 
         Parameters
         ----------
         samples : iterable of unsup.datasets.Sample
             Re-iterable; implementations stream it and never hold all images at once.
+        val_samples : iterable of unsup.datasets.Sample, optional
+            Validation samples with ground truth, for methods that monitor training.
+        run : RunOptions, optional
+            How a training run is carried out (methods with ``trains_network``).
         progress : bool
             Show a progress bar.
 
@@ -210,6 +251,16 @@ class SegmentationMethod(BaseEstimator):
         self
         """
         return self
+
+    def training_history(self) -> dict:
+        """A summary of the last training run (``stopped``, epochs, seconds, ...), for
+        ``train.json`` and reports; empty for methods that do not train."""
+        return {}
+
+    def default_model_info(self) -> dict | None:
+        """Which learned state ``predict`` uses when the method was neither fitted nor loaded
+        (e.g. shipped weights), for ``run.json``; None when there is none."""
+        return None
 
     def is_fitted(self) -> bool:
         return not self.requires_fit or any(
@@ -373,6 +424,13 @@ def read_model_meta(directory: str | os.PathLike) -> dict:
 def params_to_json(estimator) -> dict:
     """The hyper-parameters of a method (or CRF) as plain JSON, nested groups as objects."""
     return _jsonable(estimator.get_params(deep=False))
+
+
+def _json_scalar(value):
+    # numpy scalars are how numbers often arrive; anything else is not a diagnostic
+    if isinstance(value, np.generic) and value.ndim == 0:
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 def _jsonable(value):

@@ -1,8 +1,10 @@
 """The ``unsup`` command line: segment, train, evaluate, compare, methods.
 
-Each subcommand is a thin layer over the Python API; the argument definitions of every
-subcommand are in this file so the whole CLI can be read in one place (``evaluate``'s options
-come from the harness, which owns them).
+Each subcommand parses its options and calls one library function
+(:func:`unsup.workflows.segment`, :func:`unsup.workflows.train`,
+:func:`unsup.compare.compare`, :func:`unsup.evaluation.evaluate`), then prints a summary. The
+option definitions of every subcommand are in this file, so the whole CLI reads in one place;
+no library module imports it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import argparse
 import ast
 import sys
 from pathlib import Path
+
+from unsup.argtypes import fraction, positive_float, positive_int
 
 __all__ = ["main", "console_main", "parse_key_values"]
 
@@ -45,126 +49,141 @@ def parse_key_values(items: list[str] | None, *, option: str) -> dict:
 def _add_dataset_options(parser):
     parser.add_argument("--split", default=None,
                         help="split of bsds500/voc datasets (train, val, test; default val)")
-    parser.add_argument("--ignore-index", type=int, default=None,
-                        help="void label of masks:... datasets")
+    parser.add_argument("--ignore-index", type=int, default=None, metavar="N",
+                        help="void label of masks:... datasets (COCO crowd: 255)")
+
+
+def _add_training_options(parser) -> None:
+    """The options ``train`` and ``compare`` share."""
+    _add_dataset_options(parser)
+    parser.add_argument("--classes", default=None, metavar="A,B,...",
+                        help="keep only these classes (names or label ids, comma-separated): "
+                             "they become labels 1..K, every other class background")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="training epochs (default: the method's `epochs` parameter)")
+    parser.add_argument("--max-minutes", type=positive_float, default=None, metavar="M",
+                        help="time budget of the training loop; stops cleanly with a usable "
+                             "checkpoint")
+    parser.add_argument("--param", "-p", action="append", metavar="KEY=VALUE",
+                        help="method hyper-parameter (repeatable; nested groups as "
+                             "group__key, e.g. network__lr=0.01)")
+    parser.add_argument("--boxes", default=None, metavar="PATH",
+                        help="box annotations: CSV (image,x0,y0,x1,y1,label), COCO json or a "
+                             "folder of VOC XML")
+    parser.add_argument("--val", default=None, metavar="SPEC",
+                        help="validation dataset spec (with masks): per-epoch mIoU")
+    parser.add_argument("--val-fraction", type=fraction, default=None, metavar="F",
+                        help="hold out this fraction of the training images (seeded) as "
+                             "validation instead of --val")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _class_list(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    items = [c.strip() for c in text.split(",") if c.strip()]
+    if not items:
+        raise SystemExit("unsup: error: --classes is empty")
+    return items
+
+
+def _error(exc: Exception) -> int:
+    """Print a refused command's reason; its exit code."""
+    # str(KeyError) quotes its message; show the message itself
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    print(f"unsup: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from unsup.datasets import DatasetError
+    from unsup.io import ImageReadError
+    from unsup.runner import RunConflictError
+    from unsup.workflows import WorkflowError
+
+    return (WorkflowError, RunConflictError, DatasetError, ImageReadError, KeyError,
+            ValueError, FileNotFoundError)
 
 
 # ------------------------------------------------------------------------------- subcommands
 
 
 def cmd_methods(args) -> int:
-    from unsup.registry import available_methods, method_parameters
+    from unsup.registry import available_methods, describe_parameters
 
     for name, cls in available_methods().items():
         print(f"{name:16s} {cls.summary}  [learns from: {cls.supervision}]")
-        params = method_parameters(cls)
-        if params:
-            print("    " + ", ".join(f"{k}={v!r}" for k, v in params.items()))
+        for line in describe_parameters(cls):
+            print("    " + line)
     return 0
 
 
 def cmd_segment(args) -> int:
-    from unsup.datasets import DatasetError, open_dataset
-    from unsup.registry import create_method, load_method
-    from unsup.runner import RunConflictError, describe_model, fit_if_needed, segment_dataset
-
-    params = parse_key_values(args.param, option="--param")
-    try:
-        dataset = open_dataset(args.input, split=args.split, ignore_index=args.ignore_index)
-    except DatasetError as exc:
-        print(f"unsup: error: {exc}", file=sys.stderr)
-        return 2
-    model_info = None
-    try:
-        if args.model:
-            method = load_method(args.model)
-            if args.method and args.method != method.name:
-                print(f"unsup: error: --model {args.model} holds a {method.name!r} model, "
-                      f"but --method {args.method!r} was given", file=sys.stderr)
-                return 2
-            if params:
-                method.set_params(**params)
-            model_info = describe_model(Path(args.model))
-        else:
-            if not args.method:
-                print("unsup: error: give --method NAME (see `unsup methods`) or --model DIR",
-                      file=sys.stderr)
-                return 2
-            if "seed" not in params and _has_param(args.method, "seed"):
-                params["seed"] = args.seed
-            method = create_method(args.method, **params)
-            model_info = getattr(method, "default_model_info", lambda: None)()
-    except (KeyError, ValueError, FileNotFoundError) as exc:
-        print(f"unsup: error: {exc}", file=sys.stderr)
-        return 2
-
-    crf = None
-    if args.crf or args.crf_param:
-        crf = _make_crf(args.crf_param)
-        if crf is None:
-            return 2
-    hierarchy = None
-    if args.hierarchy:
-        import functools
-
-        from unsup.runner import hierarchy_of, hierarchy_strength_for
-
-        strength = hierarchy_strength_for(method, args.hierarchy_strength)
-        if strength in ("scores", "combined") and not method.produces_scores:
-            print(f"unsup: error: --hierarchy-strength {strength} needs per-pixel scores, "
-                  f"which {method.name} does not produce; use gradient or auto",
-                  file=sys.stderr)
-            return 2
-        hierarchy = functools.partial(hierarchy_of, strength=strength)
-
-    fit_failures = []
-    if method.requires_fit and not method.is_fitted():
-        print(f"fitting {method.name} on {len(dataset)} image(s) of {args.input} ...",
-              file=sys.stderr)
-        fit_failures = fit_if_needed(method, dataset, progress=not args.no_progress,
-                                     seed=args.seed)
-        if args.save_model:
-            method.save(args.save_model)
-            model_info = describe_model(Path(args.save_model))
-        model_info = model_info or {"fitted_on": args.input}
+    from unsup import workflows
 
     try:
-        result = segment_dataset(dataset, method, args.out, crf=crf, hierarchy=hierarchy,
-                                 overwrite=args.overwrite, seed=args.seed,
-                                 progress=not args.no_progress, model_info=model_info,
-                                 command=sys.argv)
-    except RunConflictError as exc:
-        print(f"unsup: error: {exc}", file=sys.stderr)
-        return 2
-    n = len(dataset)
+        outcome = workflows.segment(
+            args.input, args.out, method=args.method, model=args.model,
+            params=parse_key_values(args.param, option="--param"), seed=args.seed,
+            crf=args.crf, crf_params=args.crf_param, hierarchy=args.hierarchy,
+            hierarchy_strength=args.hierarchy_strength, overwrite=args.overwrite,
+            split=args.split, ignore_index=args.ignore_index, save_model=args.save_model,
+            progress=not args.no_progress, command=sys.argv)
+    except _user_errors() as exc:
+        return _error(exc)
+    result = outcome.run
     print(f"{len(result.done)} segmented, {len(result.skipped)} already done, "
-          f"{len(result.failures)} failed, of {n} image(s) -> {args.out}")
-    failures = {f["id"]: f for f in fit_failures + result.failures}
-    if failures:
-        print(f"\n{len(failures)} image(s) failed:", file=sys.stderr)
-        for f in failures.values():
+          f"{len(result.failures)} failed, of {outcome.n_images} image(s) -> {args.out}")
+    if outcome.failures:
+        print(f"\n{len(outcome.failures)} image(s) failed:", file=sys.stderr)
+        for f in outcome.failures:
             print(f"  {f['file']}: {f['error']}", file=sys.stderr)
         return 1
     return 0
 
 
-def _has_param(method_name: str, param: str) -> bool:
-    from unsup.registry import get_method, method_parameters
+def cmd_train(args) -> int:
+    from unsup import workflows
 
     try:
-        return param in method_parameters(get_method(method_name))
-    except KeyError:
-        return False
+        record = workflows.train(
+            args.method, args.data, args.out,
+            params=parse_key_values(args.param, option="--param"), seed=args.seed,
+            split=args.split, ignore_index=args.ignore_index,
+            classes=_class_list(args.classes), boxes=args.boxes,
+            boxes_from_masks=args.boxes_from_masks, val=args.val,
+            val_fraction=args.val_fraction, epochs=args.epochs, max_minutes=args.max_minutes,
+            resume=args.resume, progress=not args.no_progress, command=sys.argv)
+    except _user_errors() as exc:
+        return _error(exc)
+    stopped = record["history"].get("stopped", "completed")
+    print(f"trained {record['method']} in {record['fit_seconds'] / 60:.1f} min ({stopped}) "
+          f"-> {args.out}" + ("" if stopped != "time_budget" else "; continue with --resume"))
+    return 0
 
 
-def _make_crf(crf_params):
-    from unsup.crf import DenseCRF
+def cmd_compare(args) -> int:
+    from unsup.compare import CompareError, compare
 
+    params = parse_key_values(args.param, option="--param")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
-        return DenseCRF.from_params(crf_params or [])
-    except ValueError as exc:
-        print(f"unsup: error: --crf-param: {exc}", file=sys.stderr)
-        return None
+        if not methods:
+            raise ValueError("--methods is empty")
+        if args.val and args.val_fraction:
+            raise ValueError("give --val or --val-fraction, not both")
+        result = compare(args.train, args.test, methods, args.out, epochs=args.epochs,
+                         max_minutes=args.max_minutes, params=params, seed=args.seed,
+                         crf=args.crf, split=args.split, test_split=args.test_split,
+                         ignore_index=args.ignore_index, classes=_class_list(args.classes),
+                         boxes=args.boxes, val=args.val, val_fraction=args.val_fraction,
+                         n_overlays=args.overlays, progress=not args.no_progress)
+    except (CompareError, *_user_errors()) as exc:
+        return _error(exc)
+    print(result["table_markdown"])
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
 
 
 # ------------------------------------------------------------------------------- parser
@@ -213,10 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a method on a dataset (boxes, masks or unlabeled)",
                        description="Train a method and save it to a model folder.")
-    from unsup import train_command
-
-    train_command.configure_train_parser(p)
-    p.set_defaults(func=train_command.run_train)
+    p.add_argument("--method", "-m", required=True,
+                   help="a method that learns (boxsup, supervised, ...; see `unsup methods`, "
+                        "`learns from` other than none)")
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="training dataset spec (masks:IMAGES:MASKS, coco:JSON:IMAGES, "
+                        "voc:ROOT, folder:DIR, ...)")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR",
+                   help="model folder: model.json + weights, checkpoints, history, curves "
+                        "(and boxsup's mined masks)")
+    p.add_argument("--boxes-from-masks", action="store_true",
+                   help="derive boxes from the masks (tight box per connected component of "
+                        "each class); box-supervised methods never see the masks")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint is in MODEL_DIR")
+    _add_training_options(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score predictions against ground truth",
                        description="Evaluate a folder of predictions with a protocol "
@@ -228,9 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train several methods alike and compare them",
                        description="Train methods with the same network, budget and seed and "
-                                   "evaluate them on a test set.")
-    train_command.configure_compare_parser(p)
-    p.set_defaults(func=train_command.run_compare)
+                                   "evaluate them on a test set.",
+                       epilog="--param KEY=VALUE applies to every method that has KEY; "
+                              "METHOD.KEY=VALUE to one method only.")
+    p.add_argument("--train", required=True, metavar="SPEC", help="training dataset spec")
+    p.add_argument("--test", required=True, metavar="SPEC", help="test dataset spec (with masks)")
+    p.add_argument("--methods", required=True, metavar="A,B,...",
+                   help="trainable methods to compare, e.g. boxsup,supervised")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR",
+                   help="report folder: compare.json, compare.md, report.html, models/, "
+                        "predictions/")
+    p.add_argument("--test-split", default=None, help="split of the test dataset")
+    p.add_argument("--crf", action="store_true",
+                   help="also report every method refined by the dense CRF")
+    p.add_argument("--overlays", type=int, default=6, metavar="N",
+                   help="test images shown side by side in report.html (default 6)")
+    _add_training_options(p)
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -6,7 +6,7 @@ epochs, time budget and seed (``--param KEY=VALUE`` applies to every method havi
 harness (``semantic`` protocol: mIoU, per-class IoU, pixel accuracy), optionally also after
 the dense CRF. Methods that learn from boxes get the training set's boxes (``--boxes``, or
 the dataset's own), or boxes derived from its masks when it has none; they never see masks
-(:class:`unsup.training.BoxesOnlyDataset`). The report says which.
+(:meth:`unsup.datasets.Dataset.boxes_only`). The report says which.
 
 Outputs in ``REPORT_DIR``::
 
@@ -55,11 +55,12 @@ def split_params(params: dict, methods: list[str]) -> dict[str, dict]:
             if owner not in out:
                 raise CompareError(f"--param {key}: {owner!r} is not one of the compared "
                                    f"methods ({', '.join(methods)})")
-            if name not in known[owner]:
+            if name.split("__", 1)[0] not in known[owner]:
                 raise CompareError(f"--param {key}: method {owner!r} has no parameter {name!r}")
             out[owner][name] = value
             continue
-        takers = [m for m in methods if key in known[m]]
+        # a nested option (network__lr) goes to every method with that group
+        takers = [m for m in methods if key.split("__", 1)[0] in known[m]]
         if not takers:
             raise CompareError(f"--param {key}: no compared method has this parameter")
         for m in takers:
@@ -89,14 +90,13 @@ def compare(train_spec: str, test_spec: str, methods: list[str], out, *, epochs=
     dict
         ``{"results": compare.json content, "table_markdown": str, "setting": dict}``.
     """
-    from unsup.base import params_to_json
+    from unsup.base import RunOptions, params_to_json
     from unsup.datasets import open_dataset
     from unsup.evaluation import evaluate
     from unsup.io import atomic_write_bytes
     from unsup.registry import get_method, load_method
     from unsup.runner import segment_dataset
-    from unsup.train_command import fit_method, open_training_data, samples_for
-    from unsup.training import restrict_classes
+    from unsup.workflows import create_seeded, fit_method, open_training_data, samples_for
 
     out = Path(out)
     if len(set(methods)) != len(methods):
@@ -134,14 +134,14 @@ def compare(train_spec: str, test_spec: str, methods: list[str], out, *, epochs=
 
     test = open_dataset(test_spec, split=test_split, ignore_index=ignore_index)
     if classes:
-        test = restrict_classes(test, classes)
+        test = test.restrict_classes(classes)
     if not test.has_ground_truth:
         raise CompareError(f"{test_spec}: the test set has no ground truth")
     val_set = None
     if val is not None:
         val_set = open_dataset(val, split=split, ignore_index=ignore_index)
         if classes:
-            val_set = restrict_classes(val_set, classes)
+            val_set = val_set.restrict_classes(classes)
 
     results: dict[str, dict] = {}
     crf_model = None
@@ -161,26 +161,22 @@ def compare(train_spec: str, test_spec: str, methods: list[str], out, *, epochs=
             record = json.loads((model_dir / "train.json").read_text())
             seconds = float(record["fit_seconds"])
         else:
-            method_params = dict(per_method[name])
-            if "seed" in _param_names(cls) and "seed" not in method_params:
-                method_params["seed"] = seed
-            from unsup.registry import create_method
-
-            method = create_method(name, **method_params)
+            method = create_seeded(name, per_method[name], seed=seed)
             resume = (model_dir / "checkpoint.pt").is_file()
             samples = samples_for(cls, dataset)
             print(f"compare: training {name} on {len(samples)} image(s)"
                   + (" (resuming)" if resume else ""), flush=True)
-            seconds = fit_method(method, samples, val_samples=validation, out_dir=model_dir,
-                                 epochs=epochs, max_minutes=max_minutes, resume=resume,
+            seconds = fit_method(method, samples, val_samples=validation,
+                                 run=RunOptions(out_dir=model_dir, epochs=epochs,
+                                                max_minutes=max_minutes, resume=resume),
                                  progress=progress)
-            history = getattr(method, "history_", {}) or {}
+            history = method.training_history()
             record = {"method": name, "params": params_to_json(method),
                       "fit_seconds": round(seconds, 2), "history": history,
                       "complete": history.get("stopped") != "time_budget"}
             atomic_write_bytes(model_dir / "train.json",
                                json.dumps(record, indent=2, default=str).encode())
-        history = getattr(method, "history_", {}) or {}
+        history = method.training_history()
         entry = {"supervision": cls.supervision, "train_seconds": round(seconds, 2),
                  "train_loop_seconds": history.get("train_seconds"),
                  "epochs_run": history.get("epochs_run"), "stopped": history.get("stopped"),
@@ -229,12 +225,6 @@ def compare(train_spec: str, test_spec: str, methods: list[str], out, *, epochs=
     atomic_write_bytes(out / "compare.md", _markdown_report(table, setting).encode())
     _html_report(out, results, setting, table, test, methods, crf, n_overlays)
     return {"results": results, "table_markdown": table, "setting": setting}
-
-
-def _param_names(cls) -> dict:
-    from unsup.registry import method_parameters
-
-    return method_parameters(cls)
 
 
 def _foreground_iou(entry: dict):

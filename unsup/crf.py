@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from sklearn.base import BaseEstimator
 
-from unsup.base import Segmentation, check_image
+from unsup.base import Segmentation, check_image, params_to_json
 
 __all__ = ["DenseCRF", "CRFResult", "parse_crf_params"]
 
@@ -289,7 +289,8 @@ class DenseCRF(BaseEstimator):
         the id space: its labels are a subset of the input's label ids (or score channels),
         and it carries scores of the same shape as the input's (channels the CRF did not run
         on get probability 0) when the input had scores, None otherwise. ``info`` is the
-        input's plus a ``"crf"`` entry (parameters and :attr:`CRFResult.info`).
+        input's plus a ``"crf"`` entry (parameters and :attr:`CRFResult.info`); the input's
+        own ``hierarchy`` is kept.
         """
         if not isinstance(segmentation, Segmentation):
             raise TypeError(
@@ -310,10 +311,11 @@ class DenseCRF(BaseEstimator):
         else:
             result = self.refine(image, labels=segmentation.labels, return_probabilities=False)
         info = dict(segmentation.info)
-        info["crf"] = {"params": _jsonable(self.get_params()),
+        info["crf"] = {"params": params_to_json(self),
                        "input": "scores" if out_scores is not None else "labels",
                        **result.info}
-        return Segmentation(result.labels, scores=out_scores, info=info)
+        return Segmentation(result.labels, scores=out_scores, info=info,
+                            hierarchy=segmentation.hierarchy)
 
     # -- internals --------------------------------------------------------------------------
     def _processing_scale(self, height: int, width: int) -> tuple[float, tuple[int, int]]:
@@ -622,8 +624,3 @@ def _upsample_argmax(marginals: np.ndarray, shape, keep: bool):
             stack[c] = channel
     return index, stack
 
-
-def _jsonable(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

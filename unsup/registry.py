@@ -9,10 +9,16 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from unsup.base import MODEL_FILE, ModelLoadError, SegmentationMethod, read_model_meta
+from unsup.base import (
+    MODEL_FILE,
+    ModelLoadError,
+    OptionGroup,
+    SegmentationMethod,
+    read_model_meta,
+)
 
 __all__ = ["register", "get_method", "available_methods", "create_method", "load_method",
-           "method_parameters"]
+           "method_parameters", "describe_parameters"]
 
 _REGISTRY: dict[str, type[SegmentationMethod]] = {}
 
@@ -57,17 +63,48 @@ def method_parameters(cls: type[SegmentationMethod]) -> dict[str, object]:
     return params
 
 
+def describe_parameters(cls: type[SegmentationMethod]) -> list[str]:
+    """Lines describing a method's hyper-parameters and defaults for ``unsup methods``: the
+    top-level ones on the first line, then one line per nested group (``group__key``)."""
+    defaults = cls().get_params(deep=False)
+    plain = {k: v for k, v in defaults.items() if not isinstance(v, OptionGroup)}
+    lines = [", ".join(f"{k}={v!r}" for k, v in plain.items())] if plain else []
+    for key, group in defaults.items():
+        if isinstance(group, OptionGroup):
+            lines.append(f"{key}__: " + ", ".join(
+                f"{k}={v!r}" for k, v in group.get_params(deep=False).items()))
+    return lines
+
+
 def create_method(name: str, **params) -> SegmentationMethod:
-    """Instantiate method ``name`` with hyper-parameters, rejecting unknown names clearly."""
+    """Instantiate method ``name`` with hyper-parameters, rejecting unknown names clearly.
+
+    ``group__key`` entries set an option of a nested group (``network__lr=0.01``).
+    """
     cls = get_method(name)
     known = method_parameters(cls)
-    unknown = sorted(set(params) - set(known))
+    top = {k: v for k, v in params.items() if "__" not in k}
+    nested = {k: v for k, v in params.items() if "__" in k}
+    unknown = sorted(set(top) - set(known))
+    unknown += sorted(k for k in nested if k.split("__", 1)[0] not in known)
     if unknown:
         raise ValueError(
             f"method {name!r} has no parameter(s) {', '.join(unknown)}; "
             f"its parameters are: {', '.join(known) or '(none)'}"
         )
-    return cls(**params)
+    method = cls(**top)
+    if nested:
+        for key in nested:
+            group_name, option = key.split("__", 1)
+            group = getattr(method, group_name)
+            if not isinstance(group, OptionGroup):
+                raise ValueError(f"method {name!r}: {group_name} is not a group of options, "
+                                 f"so {key} is not a parameter")
+            if option not in group.get_params(deep=False):
+                raise ValueError(f"method {name!r}: {group_name} has no option {option!r}; "
+                                 f"its options are: {', '.join(group.get_params(deep=False))}")
+        method.set_params(**nested)
+    return method
 
 
 def load_method(directory) -> SegmentationMethod:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import random
 import sys
 import tempfile
 import time
@@ -38,10 +37,11 @@ from unsup.io import (
     write_overlay,
     write_ultrametric_map,
 )
+from unsup.nn.runtime import seed_all
 
-__all__ = ["segment_image", "segment_dataset", "RunResult", "RunConflictError", "seed_everything",
-           "output_paths", "hierarchy_of", "hierarchy_strength_for", "fit_if_needed",
-           "run_fingerprint", "describe_differences"]
+__all__ = ["segment_image", "segment_dataset", "RunResult", "RunConflictError", "output_paths",
+           "hierarchy_of", "hierarchy_strength_for", "fit_if_needed", "run_fingerprint",
+           "describe_differences"]
 
 RUN_FILE = RUN_MARKER
 #: The run.json entries that decide what an output is; a rerun may only reuse outputs whose
@@ -54,18 +54,6 @@ class RunConflictError(ValueError):
     """The output folder cannot be used for this run; the message says why and what to do."""
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch global generators (methods should also use their own seed)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        import torch
-
-        torch.manual_seed(seed)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-
-
 def segment_image(image: np.ndarray, method: SegmentationMethod, *, crf=None,
                   seed: int = 0) -> Segmentation:
     """Segment one image: ``method.predict`` then, if given, ``crf.refine_segmentation``.
@@ -73,7 +61,7 @@ def segment_image(image: np.ndarray, method: SegmentationMethod, *, crf=None,
     Seeds the global generators first so the result does not depend on which images were
     processed before (the same image gives the same labels in any order, on any worker).
     """
-    seed_everything(seed)
+    seed_all(seed)
     segmentation = method.predict(image)
     if crf is not None:
         segmentation = crf.refine_segmentation(image, segmentation)
@@ -84,13 +72,12 @@ def hierarchy_of(image: np.ndarray, segmentation: Segmentation, *,
                  strength: str = "auto") -> np.ndarray:
     """The ultrametric contour map written by ``unsup segment --hierarchy``.
 
-    A method that builds its own hierarchy (JULE's dendrogram) puts it in
-    ``segmentation.info["ucm"]``; every other method's regions are merged greedily by
+    A method that builds its own hierarchy (JULE's dendrogram) returns it as
+    ``segmentation.hierarchy``; every other method's regions are merged greedily by
     :func:`unsup.hierarchy.ultrametric_contour_map` with boundary ``strength``.
     """
-    own = segmentation.info.get("ucm")
-    if own is not None and np.shape(own) == segmentation.labels.shape:
-        return np.asarray(own)
+    if segmentation.hierarchy is not None:
+        return segmentation.hierarchy
     from unsup.hierarchy import ultrametric_contour_map
 
     return ultrametric_contour_map(image, segmentation, strength=strength)
@@ -99,9 +86,9 @@ def hierarchy_of(image: np.ndarray, segmentation: Segmentation, *,
 def hierarchy_strength_for(method, strength: str = "auto") -> str:
     """The boundary strength ``unsup segment --hierarchy`` uses for ``method``.
 
-    ``"auto"`` resolves to the method's ``hierarchy_strength`` class attribute when it has
-    one (W-Net: ``"combined"``, chosen on BSDS500 train images, docs/benchmarks/wnet.md),
-    else stays ``"auto"`` (scores when the segmentation has them, the image gradient
+    ``"auto"`` resolves to the method's ``hierarchy_strength`` class attribute (W-Net:
+    ``"combined"``, chosen on BSDS500 train images, docs/benchmarks/wnet.md; the base
+    class's ``"auto"``: scores when the segmentation has them, the image gradient
     otherwise). Any other value is returned unchanged.
     """
     from unsup.hierarchy import STRENGTHS
@@ -109,7 +96,7 @@ def hierarchy_strength_for(method, strength: str = "auto") -> str:
     if strength not in STRENGTHS:
         raise ValueError(f"hierarchy strength must be one of {STRENGTHS}, got {strength!r}")
     if strength == "auto":
-        return str(getattr(method, "hierarchy_strength", "auto"))
+        return str(method.hierarchy_strength)
     return strength
 
 
@@ -332,22 +319,21 @@ def _previous_run(out: Path, run: dict) -> dict:
 def describe_differences(before: dict, now: dict, keys) -> list[str]:
     """``"key: old before, new now"`` for each of ``keys`` whose value differs.
 
-    Dict values (parameters) are compared entry by entry, so that the message names the one
-    parameter that changed (``params.decoder: 'fcn' before, 'unet' now``).
+    Dict values (parameters, nested option groups) are compared entry by entry, so that the
+    message names the one parameter that changed
+    (``params.network.decoder: 'fcn' before, 'unet' now``).
     """
     def same(a, b):
         return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True,
                                                                          default=str)
 
-    differences = []
-    for key in keys:
-        old, new = before.get(key), now.get(key)
+    def compare(name, old, new):
         if isinstance(old, dict) and isinstance(new, dict):
-            differences += [f"{key}.{k}: {_short(old.get(k))} before, {_short(new.get(k))} now"
-                            for k in sorted(set(old) | set(new)) if not same(old.get(k), new.get(k))]
-        elif not same(old, new):
-            differences.append(f"{key}: {_short(old)} before, {_short(new)} now")
-    return differences
+            return [line for k in sorted(set(old) | set(new))
+                    for line in compare(f"{name}.{k}", old.get(k), new.get(k))]
+        return [] if same(old, new) else [f"{name}: {_short(old)} before, {_short(new)} now"]
+
+    return [line for key in keys for line in compare(key, before.get(key), now.get(key))]
 
 
 def _short(value, limit: int = 80) -> str:
@@ -381,7 +367,7 @@ def fit_if_needed(method: SegmentationMethod, dataset: Dataset, *, progress: boo
             yield from images_only.iter_samples(on_error="skip", errors=new_errors)
             errors.extend(e for e in new_errors if e[0].id not in seen)
 
-    seed_everything(seed)
+    seed_all(seed)
     method.fit(_Stream(), progress=progress)
     return [_failure(r, e) for r, e in errors]
 

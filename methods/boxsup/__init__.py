@@ -45,7 +45,7 @@ candidate kinds (``choices.json``) and statistics (``summary.json``).
 
 ``fit`` reads only the samples' images and boxes (``Sample.boxes``, e.g. from
 ``open_dataset(..., boxes=PATH)`` or ``boxes_from_masks=True``); it never reads
-``ground_truth``. Use :class:`unsup.training.BoxesOnlyDataset` to make that structural, as
+``ground_truth``. Use :meth:`unsup.datasets.Dataset.boxes_only` to make that structural, as
 ``unsup train`` does. Validation samples (with masks) are only monitored, never used to pick
 weights, unless ``select_best=True``.
 
@@ -77,7 +77,8 @@ from methods.boxsup.tightness import (
     ignore_untight,
     tightness_loss,
 )
-from methods.supervised import NetworkMethod, SampleCache
+from unsup.nn.data import SampleCache
+from unsup.nn.method import AugmentOptions, NetworkMethod, NetworkOptions
 from unsup.registry import register
 
 __all__ = ["BoxSup", "mine_masks", "consensus_patch", "scale_boxes", "boxi_mask",
@@ -145,11 +146,10 @@ class BoxSup(NetworkMethod):
     select_best : bool
         Keep the weights of the epoch with the best validation mIoU (uses validation
         *masks*; off by default so that nothing depends on masks).
-    decoder, backbone, pretrained, n_classes, epochs, batch_size, crop_size, max_side,
-    scale_range, hflip, color_jitter, lr, weight_decay, encoder_lr_scale, freeze_blocks,
-    dice_weight, class_weighting, patience, flip_test, num_workers, device, seed
-        As for ``supervised`` (:class:`methods.supervised.Supervised`); ``n_classes``
-        defaults to the largest box label + 1.
+    network, augment, n_classes, max_side, flip_test, seed
+        As for ``supervised`` (:class:`methods.supervised.Supervised`; the groups are
+        :class:`unsup.nn.method.NetworkOptions` and :class:`unsup.nn.method.AugmentOptions`);
+        ``n_classes`` defaults to the largest box label + 1.
     """
 
     name = "boxsup"
@@ -160,17 +160,9 @@ class BoxSup(NetworkMethod):
                  selection: str = "consensus", agreement=(0.0, 1.0),
                  network_fill: float | None = 0.9, network_override: float | None = 0.9,
                  tightness_weight: float = 0.2, tightness_ignore: bool = True,
-                 tightness_min_side: int = 4, select_best: bool = False,
-                 decoder: str = "unet",
-                 backbone: str = "efficientnet-lite0", pretrained: bool = True,
-                 n_classes: int | None = None, epochs: int = 20, batch_size: int = 8,
-                 crop_size: int = 224, max_side: int = 320, scale_range=(0.7, 1.3),
-                 hflip: bool = True, color_jitter: float = 0.2, lr: float = 1e-3,
-                 weight_decay: float = 1e-4, encoder_lr_scale: float = 0.1,
-                 freeze_blocks: int = 0, dice_weight: float = 0.0,
-                 class_weighting: str = "none", patience: int | None = None,
-                 flip_test: bool = True, num_workers: int = 0, device: str | None = None,
-                 seed: int = 0):
+                 tightness_min_side: int = 4, network=None, augment=None,
+                 n_classes: int | None = None, max_side: int = 320, select_best: bool = False,
+                 flip_test: bool = True, seed: int = 0):
         self.rounds = rounds
         self.min_fill = min_fill
         self.context = context
@@ -181,28 +173,12 @@ class BoxSup(NetworkMethod):
         self.tightness_weight = tightness_weight
         self.tightness_ignore = tightness_ignore
         self.tightness_min_side = tightness_min_side
-        self.select_best = select_best
-        self.decoder = decoder
-        self.backbone = backbone
-        self.pretrained = pretrained
+        self.network = NetworkOptions.coerce(network, name="network")
+        self.augment = AugmentOptions.coerce(augment, name="augment")
         self.n_classes = n_classes
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.crop_size = crop_size
         self.max_side = max_side
-        self.scale_range = scale_range
-        self.hflip = hflip
-        self.color_jitter = color_jitter
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.encoder_lr_scale = encoder_lr_scale
-        self.freeze_blocks = freeze_blocks
-        self.dice_weight = dice_weight
-        self.class_weighting = class_weighting
-        self.patience = patience
+        self.select_best = select_best
         self.flip_test = flip_test
-        self.num_workers = num_workers
-        self.device = device
         self.seed = seed
 
     # -- caching: image, boxes and candidates (never the masks) --------------------------------
@@ -244,7 +220,7 @@ class BoxSup(NetworkMethod):
         from tqdm import tqdm
 
         from unsup.io import atomic_write_bytes, write_label_map, write_overlay
-        from unsup.models import predict_probabilities
+        from unsup.nn.networks import predict_probabilities
 
         target = self.mined_dir(out_dir, round_index)
         previous = self.mined_dir(out_dir, round_index - 1) if round_index > 0 else None
@@ -352,7 +328,7 @@ class BoxSup(NetworkMethod):
 
     def _make_task(self, network, *, cache, val_cache, n_classes, total_steps, out_dir,
                    epochs):
-        from unsup.training import SegmentationTask
+        from unsup.nn.task import SegmentationTask
 
         method = self
 
@@ -384,21 +360,13 @@ class BoxSup(NetworkMethod):
                 self.mined_stats = {}
                 return out
 
-        task = BoxSupTask(network, lr=self.lr, weight_decay=self.weight_decay,
-                          encoder_lr_scale=self.encoder_lr_scale, total_steps=total_steps,
-                          warmup_steps=min(total_steps // 10, 50),
-                          class_weights=self._class_weights(cache, n_classes),
-                          dice_weight=self.dice_weight,
-                          validator=self._validator(val_cache, n_classes),
-                          device=self._device())
+        task = BoxSupTask(network, **self._task_options(
+            cache=cache, val_cache=val_cache, n_classes=n_classes, total_steps=total_steps))
         self._run["task"] = task
         return task
 
-    def _monitor(self, has_val: bool):
-        return "miou" if has_val and self.select_best else None
-
     def _class_weights(self, cache, n_classes):
-        if self.class_weighting in (None, "none"):
+        if self.network.class_weighting in (None, "none"):
             return None
         raise ValueError("boxsup: class_weighting='balanced' needs label statistics of the "
                          "mined masks, which change every round; use 'none'")

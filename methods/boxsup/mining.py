@@ -105,7 +105,7 @@ def _box_i_patch(shape, label):
 def _paste(region, patch):
     """Write a box's ``patch`` into its ``region`` of the label map (in place): object pixels
     overwrite, ignored pixels only claim background or already-ignored pixels."""
-    from unsup.training import IGNORE
+    from unsup.nn.losses import IGNORE
 
     obj = (patch != 0) & (patch != IGNORE)
     free = (region == 0) | (region == IGNORE)
@@ -116,7 +116,7 @@ def _paste(region, patch):
 def _start_labels(shape, boxes):
     """Empty label map with crowd / ignore boxes marked, one choice record per box, and the
     order boxes are written in (largest first, so smaller boxes on top keep their pixels)."""
-    from unsup.training import IGNORE
+    from unsup.nn.losses import IGNORE
 
     labels = np.zeros(shape, np.uint8)
     choices: list[dict] = [{} for _ in boxes]
@@ -183,7 +183,7 @@ def mine_masks(shape: tuple[int, int], boxes: list[list[int]], candidates: list,
         adds the chosen candidate's ``cost``, ``consensus`` the ``ignored`` fraction and
         ``n_candidates``).
     """
-    from unsup.training import IGNORE
+    from unsup.nn.losses import IGNORE
 
     if selection not in ("cost", "consensus"):
         raise ValueError(f"selection must be 'cost' or 'consensus', got {selection!r}")

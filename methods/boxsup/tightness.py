@@ -30,7 +30,7 @@ def ignore_untight(labels: np.ndarray, boxes: list[list[int]]) -> np.ndarray:
     ``IGNORE`` instead of teaching the network that they are background. Returns a new label
     map; ``labels`` is not modified. Crowd / ignore boxes are skipped.
     """
-    from unsup.training import IGNORE
+    from unsup.nn.losses import IGNORE
 
     out = np.array(labels, copy=True)
     for (y0, y1, x0, x1, label, ign) in boxes:

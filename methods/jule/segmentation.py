@@ -23,7 +23,7 @@ images with a CNN trained from scratch):
   clusters (``adjacency=True``; touching superpixels also join the affinity graph), so every
   cluster is connected and the dendrogram is a region hierarchy. After ``n_clusters`` is
   reached the merging continues (no more learning) down to one region, and the dendrogram
-  gives the ultrametric contour map stored in ``Segmentation.info["ucm"]`` (the lab's uint16
+  gives the ultrametric contour map returned as ``Segmentation.hierarchy`` (the lab's uint16
   format: pixel ``p`` carries the boundary with its right and lower neighbours, value/65535 =
   the level in [0, 1] at which it disappears; levels from :meth:`Dendrogram.levels`;
   :mod:`methods.jule.regions`).
@@ -367,7 +367,8 @@ class Jule(SegmentationMethod):
         h, w = sp.shape
         if n_sp < 2:
             return Segmentation(np.zeros((h, w), np.int32), np.ones((1, h, w), np.float32),
-                                info={"n_superpixels": n_sp, "ucm": np.zeros((h, w), np.uint16)})
+                                info={"n_superpixels": n_sp},
+                                hierarchy=np.zeros((h, w), np.uint16))
         if self.features == "cnn":
             module = self._new_module()
         else:
@@ -395,9 +396,8 @@ class Jule(SegmentationMethod):
             "n_clusters": int(labels_sp.max()) + 1,
             "periods": [e for e in result.history if "period" in e],
             "level_at_n_clusters": float(lv[n_learned - 1]) if n_learned else 0.0,
-            "ucm": ucm,
         }
-        return Segmentation(labels, scores=scores, info=info)
+        return Segmentation(labels, scores=scores, info=info, hierarchy=ucm)
 
     def _predict_dataset(self, image):
         import torch
@@ -431,7 +431,7 @@ class Jule(SegmentationMethod):
         return module
 
     # -- fit (dataset scope) ------------------------------------------------------------------
-    def fit(self, samples, *, progress: bool = False):
+    def fit(self, samples, *, val_samples=None, run=None, progress: bool = False):
         self._check_params()
         if self.scope != "dataset":
             return self

@@ -1,22 +1,6 @@
-"""Datasets: one loader API for unlabeled folders, label maps, BSDS500, PASCAL VOC and COCO.
-
-A dataset is an ordered list of lightweight records (id, file paths); images and annotations
-are read only when a sample is loaded, so iterating never holds more than one image in
-memory. ``load`` is a pure function of the record, so samples can be loaded by workers.
-
-Dataset specs (as accepted by :func:`open_dataset` and the CLI)::
-
-    DIR | FILE | folder:DIR            unlabeled images, recursive, sorted; id = relative path
-                                       without extension
-    masks:IMAGES_DIR:MASKS_DIR         label maps matched by file stem (``ignore_index`` = void)
-    bsds500:ROOT                       ROOT/images/SPLIT/*.jpg + ROOT/groundTruth/SPLIT/*.mat,
-                                       all annotators
-    voc:ROOT                           PASCAL VOC 2012 (SegmentationClass, Annotations, ImageSets)
-    coco:ANNOTATIONS_JSON:IMAGES_DIR   COCO instances json (boxes, polygon/RLE masks, crowd = void)
-
-Boxes can also come from a VOC XML folder, a COCO json or a CSV (``image,x0,y0,x1,y1,label``)
-via ``boxes=``, or be derived from the masks with ``boxes_from_masks=True``.
-"""
+"""Dataset sources: the folder, label-map, BSDS500, PASCAL VOC and COCO readers, the box
+files (VOC XML, COCO json, CSV), and :func:`open_dataset`, which turns a spec into a
+:class:`unsup.datasets.Dataset`."""
 
 from __future__ import annotations
 
@@ -26,200 +10,21 @@ import json
 import os
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from unsup.io import IMAGE_EXTENSIONS, ImageReadError, read_image, read_json, read_label_map
-
-__all__ = [
-    "Box",
-    "Sample",
-    "Record",
-    "Dataset",
-    "DatasetError",
-    "open_dataset",
-    "boxes_from_masks",
-    "VOC_CLASSES",
-]
-
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor",
+from unsup.datasets.core import (
+    VOC_CLASSES,
+    Box,
+    Dataset,
+    DatasetError,
+    Record,
 )
+from unsup.io import IMAGE_EXTENSIONS, ImageReadError, read_json, read_label_map
 
-
-class DatasetError(ValueError):
-    """A dataset spec or annotation file is unusable; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class Box:
-    """An axis-aligned box in pixel coordinates: ``x0 <= x < x1``, ``y0 <= y < y1``.
-
-    ``label`` is the class id (as in the dataset's label maps); ``ignore`` marks crowd or
-    "difficult" boxes whose region should be ignored rather than learned.
-    """
-
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-    label: int
-    ignore: bool = False
-
-    @property
-    def area(self) -> float:
-        return max(0.0, self.x1 - self.x0) * max(0.0, self.y1 - self.y0)
-
-    def as_int(self) -> tuple[int, int, int, int]:
-        """Integer pixel bounds (x0, y0, x1, y1) covering the box."""
-        return (int(np.floor(self.x0)), int(np.floor(self.y0)),
-                int(np.ceil(self.x1)), int(np.ceil(self.y1)))
-
-
-@dataclass
-class Sample:
-    """One loaded sample.
-
-    Attributes
-    ----------
-    id : str
-        Stable id (relative path without extension for folders, the file stem otherwise).
-    image : ndarray of uint8, shape (H, W, 3)
-    path : Path
-        The image file.
-    ground_truth : list of ndarray of int32, shape (H, W), or None
-        One label map per annotator (BSDS has several, semantic datasets one). Pixels equal
-        to ``ignore_index`` are void.
-    boundaries : list of ndarray of bool, or None
-        Human boundary maps when the annotation provides them (BSDS ``Boundaries``).
-    boxes : list of Box, or None
-    ignore_index : int or None
-    """
-
-    id: str
-    image: np.ndarray
-    path: Path
-    ground_truth: list[np.ndarray] | None = None
-    boundaries: list[np.ndarray] | None = None
-    boxes: list[Box] | None = None
-    ignore_index: int | None = None
-
-    @property
-    def label_map(self) -> np.ndarray | None:
-        """The first (for semantic datasets: the only) ground-truth map."""
-        return self.ground_truth[0] if self.ground_truth else None
-
-
-@dataclass(frozen=True)
-class Record:
-    """What is needed to load one sample: its id, image file and annotation references."""
-
-    id: str
-    image_path: Path
-    annotation: object = None
-
-
-@dataclass
-class Dataset:
-    """An ordered, lazily loaded collection of samples.
-
-    Iterating yields :class:`Sample` objects one at a time. ``iter_samples(on_error="skip")``
-    skips unreadable samples and records ``(record, error)`` in ``errors``.
-    """
-
-    spec: str
-    records: list[Record]
-    kind: str = "folder"
-    ignore_index: int | None = None
-    class_names: list[str] | None = None
-    has_ground_truth: bool = False
-    has_boxes: bool = False
-    _loader: object = field(default=None, repr=False)
-    _box_source: object = field(default=None, repr=False)
-    boxes_from_masks: bool = False
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def ids(self) -> list[str]:
-        return [r.id for r in self.records]
-
-    def load(self, index: int | str | Record) -> Sample:
-        """Load one sample by position, id or record.
-
-        Raises
-        ------
-        ImageReadError
-            The image file is unusable.
-        DatasetError
-            Its annotation is unusable.
-        """
-        record = self._record(index)
-        image = read_image(record.image_path)
-        gt, bnd, boxes = (None, None, None)
-        if self._loader is not None:
-            gt, bnd, boxes = self._loader(record, image.shape[:2])
-        if gt is not None:
-            for k, g in enumerate(gt):
-                if g.shape != image.shape[:2]:
-                    raise DatasetError(
-                        f"{record.image_path}: ground truth {k} has shape {g.shape}, "
-                        f"image is {image.shape[:2]}"
-                    )
-        if self._box_source is not None:
-            boxes = self._box_source(record, image.shape[:2])
-        if self.boxes_from_masks:
-            if gt is None:
-                raise DatasetError(f"{record.image_path}: boxes_from_masks needs ground truth")
-            boxes = boxes_from_masks(gt[0], ignore_index=self.ignore_index)
-        return Sample(
-            id=record.id, image=image, path=record.image_path, ground_truth=gt,
-            boundaries=bnd, boxes=boxes, ignore_index=self.ignore_index,
-        )
-
-    def _record(self, index) -> Record:
-        if isinstance(index, Record):
-            return index
-        if isinstance(index, str):
-            for r in self.records:
-                if r.id == index:
-                    return r
-            raise KeyError(f"{self.spec}: no sample with id {index!r}")
-        return self.records[index]
-
-    def __iter__(self) -> Iterator[Sample]:
-        return self.iter_samples(on_error="raise")
-
-    def iter_samples(self, *, on_error: str = "raise", errors: list | None = None):
-        """Yield samples in order; ``on_error="skip"`` records failures instead of raising."""
-        if on_error not in ("raise", "skip"):
-            raise ValueError("on_error must be 'raise' or 'skip'")
-        for record in self.records:
-            try:
-                sample = self.load(record)
-            except (ImageReadError, DatasetError) as exc:
-                if on_error == "raise":
-                    raise
-                if errors is not None:
-                    errors.append((record, exc))
-                continue
-            yield sample
-
-    def without_annotations(self) -> Dataset:
-        """The same images with ground truth and boxes dropped (for methods that must not see them)."""
-        return Dataset(spec=self.spec, records=self.records, kind=self.kind,
-                       class_names=self.class_names)
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-
+__all__ = ["open_dataset", "load_bsds_ground_truth", "MAX_LABEL", "RUN_MARKER",
+           "RUN_OUTPUT_FOLDERS", "BOX_CLASS_RANGE"]
 
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
@@ -272,27 +77,6 @@ def _stem_index(directory: Path, exts=None) -> dict[str, Path]:
             rel = p.relative_to(directory).with_suffix("").as_posix()
             index.setdefault(rel, p)
     return index
-
-
-def boxes_from_masks(labels: np.ndarray, *, ignore_index: int | None = None,
-                     background: int = 0) -> list[Box]:
-    """Tight box around each connected component of each class of a label map.
-
-    ``background`` and ``ignore_index`` get no boxes. Components use 8-connectivity.
-    """
-    from scipy import ndimage
-
-    boxes = []
-    for cls in np.unique(labels):
-        if cls == background or (ignore_index is not None and cls == ignore_index):
-            continue
-        comp, n = ndimage.label(labels == cls, structure=np.ones((3, 3), bool))
-        for sl in ndimage.find_objects(comp):
-            if sl is None:
-                continue
-            boxes.append(Box(float(sl[1].start), float(sl[0].start), float(sl[1].stop),
-                             float(sl[0].stop), int(cls)))
-    return boxes
 
 
 def _clip_boxes(boxes, shape, source, class_ids=None) -> list[Box]:
