@@ -1,6 +1,5 @@
 """matched / hungarian / semantic protocols, prediction reading, reports, CLI and bad inputs."""
 
-import argparse
 import csv
 import json
 
@@ -8,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from unsup.cli import build_parser
 from unsup.datasets import open_dataset
 from unsup.evaluation import EvaluationError, PredictionError, evaluate
-from unsup.evaluation.command import configure_parser, run
 from unsup.evaluation.confusion import class_scores, collapse, hungarian_mapping
 from unsup.evaluation.matched import connected_segments, matched_scores
 from unsup.evaluation.predictions import (
@@ -286,9 +285,11 @@ def test_empty_ground_truth_is_an_error(tmp_path):
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser()
-    configure_parser(parser)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(["evaluate", *argv])
+
+
+def run(args) -> int:
+    return args.func(args)
 
 
 def test_cli_run(tmp_path, capsys):

@@ -186,6 +186,36 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from unsup.datasets import DatasetError, open_dataset
+    from unsup.evaluation import evaluate
+    from unsup.evaluation.harness import EvaluationError
+    from unsup.evaluation.predictions import PredictionError
+    from unsup.evaluation.report import HEADLINE, format_value
+    from unsup.io import ImageReadError
+
+    try:
+        dataset = open_dataset(args.gt, split=args.split, ignore_index=args.ignore_index)
+        metrics = evaluate(
+            args.protocol, args.pred, dataset, args.out, thresholds=args.thresholds,
+            pred_type=args.pred_type, many_to_one=args.many_to_one, n_jobs=args.jobs,
+            progress=not args.no_progress, correspondence=args.correspondence)
+    except (EvaluationError, PredictionError, DatasetError, ImageReadError) as exc:
+        print(f"unsup evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.protocol} on {dataset.spec} ({len(dataset)} images), predictions {args.pred}")
+    width = max(len(k) for k in HEADLINE[args.protocol])
+    for key in HEADLINE[args.protocol]:
+        print(f"  {key:<{width}}  {format_value(metrics.get(key))}")
+    per_class = metrics.get("per_class_iou")
+    if per_class:
+        shown = sorted(((v, k) for k, v in per_class.items() if v is not None))
+        if shown:
+            print("  lowest class IoU: " + ", ".join(f"{k} {v:.3f}" for v, k in shown[:3]))
+    print(f"report: {args.out}/report.html (metrics.json, per_image.csv, report.md)")
+    return 0
+
+
 # ------------------------------------------------------------------------------- parser
 
 
@@ -252,10 +282,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score predictions against ground truth",
                        description="Evaluate a folder of predictions with a protocol "
                                    "(bsds, matched, hungarian, semantic).")
-    from unsup.evaluation import command as evaluate_command
+    from unsup.evaluation.correspond import METHODS as CORRESPONDENCES
+    from unsup.evaluation.harness import PROTOCOLS
+    from unsup.evaluation.predictions import PRED_TYPES
 
-    evaluate_command.configure_parser(p)
-    p.set_defaults(func=evaluate_command.run)
+    p.add_argument("--protocol", required=True, choices=PROTOCOLS,
+                   help="bsds: Berkeley benchmark (boundaries, covering, PRI, VOI); matched: "
+                        "per-image one-to-one segment mIoU; hungarian: dataset-level "
+                        "cluster-to-class matching; semantic: class ids")
+    p.add_argument("--pred", required=True, metavar="DIR",
+                   help="prediction folder: <id>.png label maps, <id>.mat (ucm2 / segs), a lab "
+                        "hierarchy folder or soft boundary PNGs")
+    p.add_argument("--gt", required=True, metavar="SPEC",
+                   help="dataset spec with ground truth, e.g. bsds500:ROOT, masks:IMAGES:MASKS, "
+                        "voc:ROOT, coco:JSON:IMAGES")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR",
+                   help="report folder: metrics.json, per_image.csv, report.md/html")
+    p.add_argument("--thresholds", type=positive_int, default=99, metavar="N",
+                   help="bsds: number of thresholds for hierarchies and soft boundary maps "
+                        "(default 99, as the benchmark)")
+    p.add_argument("--pred-type", default="auto", choices=PRED_TYPES,
+                   help="how to read the predictions (default: auto-detect; soft boundary "
+                        "PNGs need 'boundaries')")
+    p.add_argument("--many-to-one", action="store_true",
+                   help="hungarian: map every cluster to its majority class")
+    p.add_argument("--jobs", type=positive_int, default=2, metavar="N",
+                   help="worker processes (default 2)")
+    p.add_argument("--correspondence", choices=CORRESPONDENCES, default="assignment",
+                   help="bsds boundary matching: exact assignment (default) or the official "
+                        "CSA code (slow, for cross-checks)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_dataset_options(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="train several methods alike and compare them",
                        description="Train methods with the same network, budget and seed and "

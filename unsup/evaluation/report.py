@@ -20,7 +20,16 @@ from PIL import Image
 
 from unsup.io import atomic_write_bytes, overlay
 
-__all__ = ["write_report", "format_value", "overlay_strip"]
+__all__ = ["write_report", "format_value", "overlay_strip", "HEADLINE"]
+
+#: Headline metrics printed per protocol.
+HEADLINE = {
+    "bsds": ("boundary.ods_f", "boundary.ois_f", "boundary.ap", "covering.ods", "covering.ois",
+             "covering.best", "pri.ods", "pri.ois", "voi.ods", "voi.ois"),
+    "matched": ("miou.all", "miou.fine", "miou.coarse", "ap50", "ap70"),
+    "hungarian": ("miou", "pixel_accuracy", "mean_accuracy", "n_clusters", "n_classes"),
+    "semantic": ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "n_classes"),
+}
 
 #: Height (pixels) of the overlay strips in the HTML report.
 OVERLAY_HEIGHT = 160
