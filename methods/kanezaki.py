@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 
+from unsup.augment import resize_image, working_shape
 from unsup.base import Segmentation, SegmentationMethod, check_image
 from unsup.registry import register
 from unsup.superpixels import compute_superpixels, majority_vote, mean_per_segment
@@ -42,25 +43,6 @@ VARIANTS = ("superpixel", "continuity")
 
 # ------------------------------------------------------------------------------------------
 # helpers (module level so that they can be tested and reused)
-
-
-def working_shape(shape: tuple[int, int], max_side: int | None) -> tuple[int, int]:
-    """(h, w) of the working resolution: ``shape`` scaled so that its longer side is at most
-    ``max_side`` (unchanged when ``max_side`` is None or the image is already small enough)."""
-    h, w = int(shape[0]), int(shape[1])
-    if max_side is None or max(h, w) <= int(max_side):
-        return h, w
-    scale = int(max_side) / max(h, w)
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
-
-def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Area-averaging resize of an RGB uint8 image to (h, w) (OpenCV INTER_AREA)."""
-    import cv2
-
-    if image.shape[:2] == tuple(shape):
-        return image
-    return cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
 
 
 def load_scribbles(scribbles, shape: tuple[int, int]) -> np.ndarray:
