@@ -56,3 +56,30 @@ def test_saved_model_stores_the_group_as_an_object(tmp_path):
     assert meta["params"] == {"k": 3, "optim": {"epochs": 9, "lr": 1e-3}}
     loaded = _Method.load(tmp_path)
     assert loaded.k == 3 and loaded.optim.epochs == 9
+
+
+def test_create_method_sets_nested_options_and_names_bad_ones():
+    from unsup.registry import create_method
+
+    method = create_method("supervised", network__lr=0.01, augment__crop_size=96, max_side=128)
+    assert method.network.lr == 0.01 and method.augment.crop_size == 96
+    assert method.max_side == 128 and method.network.decoder == "unet"  # others keep defaults
+    with pytest.raises(ValueError, match="network has no option 'learning_rate'"):
+        create_method("supervised", network__learning_rate=0.01)
+    with pytest.raises(ValueError, match="no parameter\\(s\\) optimiser__lr"):
+        create_method("supervised", optimiser__lr=0.01)
+    with pytest.raises(ValueError, match="max_side is not a group of options"):
+        create_method("supervised", max_side__x=1)
+
+
+def test_unsup_methods_lists_each_group_on_its_own_line(capsys):
+    from unsup.cli import main
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("supervised "))
+    block = lines[start + 1:start + 4]
+    network = [line for line in block if line.strip().startswith("network__: ")]
+    augment = [line for line in block if line.strip().startswith("augment__: ")]
+    assert len(network) == 1 and "decoder='unet'" in network[0] and "lr=0.001" in network[0]
+    assert len(augment) == 1 and "crop_size=224" in augment[0]
